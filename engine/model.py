@@ -1,0 +1,202 @@
+"""The Llama / Mistral forward pass: embedding, blocks (attention with GQA, SwiGLU MLP, RMSNorm, RoPE), head.
+
+Linear layers are plain tensors or Q4Linear modules; the model does not care which. The KV cache is
+owned by each attention layer and written at the positions the caller passes in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .config import ModelConfig
+from .errors import ModelError
+from .quant import Q4Linear
+
+
+class DenseLinear(nn.Module):
+    """A bias-free linear layer with an unquantized weight [out, in]."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def as_linear(weight) -> nn.Module:
+    return weight if isinstance(weight, Q4Linear) else DenseLinear(weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like the reference, whatever the activation dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies for each rotary pair, with the checkpoint's rope scaling applied."""
+    dim = config.head_dim
+    theta = config.rope_theta
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if kind == "ntk":  # NTK-aware alpha: stretch the base so low frequencies interpolate
+        theta = theta * float(scaling["alpha"]) ** (dim / (dim - 2))
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        inv_freq = _llama3_scaled(inv_freq, scaling)
+    elif kind not in (None, "default", "ntk"):
+        raise ModelError(f"rope scaling type {kind!r} is not supported (linear, ntk and llama3 are)")
+    return inv_freq.float()
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Llama 3.1's rule: long wavelengths are divided by `factor`, short ones kept, the band between blended."""
+    factor = float(s["factor"])
+    low, high = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))
+    original = float(s.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    middle = (wavelen <= original / low) & (wavelen >= original / high)
+    return torch.where(middle, blended, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def grouped_attention(q, keys, values, start: int) -> torch.Tensor:
+    """Causal attention where each KV head serves a group of query heads, without repeating the cache.
+
+    q [batch, heads, length, head_dim] holds positions start..start+length-1; keys and values
+    [batch, kv_heads, start+length, head_dim] hold every position up to the last query.
+    """
+    batch, heads, length, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    # Query head h uses KV head h // group, so a view puts each group's queries next to its keys.
+    grouped = q.reshape(batch, kv_heads, group * length, head_dim)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * head_dim**-0.5
+    if length > 1:
+        query_pos = start + torch.arange(length, device=q.device).repeat(group)
+        key_pos = torch.arange(keys.shape[2], device=q.device)
+        scores = scores.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(weights, values).view(batch, heads, length, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, weights: dict, prefix: str):
+        super().__init__()
+        self.q_proj = as_linear(weights[prefix + "q_proj.weight"])
+        self.k_proj = as_linear(weights[prefix + "k_proj.weight"])
+        self.v_proj = as_linear(weights[prefix + "v_proj.weight"])
+        self.o_proj = as_linear(weights[prefix + "o_proj.weight"])
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, start: int) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = self.cache.write(k, v, start)
+        out = grouped_attention(q, keys, values, start)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, weights: dict, prefix: str):
+        super().__init__()
+        self.gate_proj = as_linear(weights[prefix + "gate_proj.weight"])
+        self.up_proj = as_linear(weights[prefix + "up_proj.weight"])
+        self.down_proj = as_linear(weights[prefix + "down_proj.weight"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, weights: dict, index: int):
+        super().__init__()
+        prefix = f"model.layers.{index}."
+        self.input_layernorm = RMSNorm(weights[prefix + "input_layernorm.weight"], config.rms_norm_eps)
+        self.self_attn = Attention(config, weights, prefix + "self_attn.")
+        self.post_attention_layernorm = RMSNorm(weights[prefix + "post_attention_layernorm.weight"], config.rms_norm_eps)
+        self.mlp = FeedForward(weights, prefix + "mlp.")
+
+    def forward(self, x, cos, sin, start: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, weights: dict):
+        super().__init__()
+        self.config = config
+        missing = [name for name in required_weights(config) if name not in weights]
+        if missing:
+            raise ModelError(f"the checkpoint lacks {len(missing)} weights the model needs, first {missing[0]!r}")
+        self.embed_tokens = nn.Parameter(weights["model.embed_tokens.weight"], requires_grad=False)
+        self.layers = nn.ModuleList(Block(config, weights, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(weights["model.norm.weight"], config.rms_norm_eps)
+        head = weights.get("lm_head.weight")
+        self.lm_head = DenseLinear(self.embed_tokens) if head is None else as_linear(head)
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+
+    def setup_cache(self, max_seq_len: int, dtype: torch.dtype) -> None:
+        """Preallocate every layer's KV cache on that layer's device."""
+        for layer in self.layers:
+            device = layer.input_layernorm.weight.device
+            layer.self_attn.cache = KVCache(self.config.num_kv_heads, self.config.head_dim, max_seq_len, dtype, device)
+
+    def rotary(self, start: int, length: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
+        angles = torch.outer(positions, self.inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(self, tokens: torch.Tensor, start: int, last_only: bool = True) -> torch.Tensor:
+        """Logits (float32) for tokens [batch, length] placed at positions start.., writing the KV cache."""
+        x = F.embedding(tokens, self.embed_tokens)
+        cos, sin = self.rotary(start, tokens.shape[1], x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos.to(x.device), sin.to(x.device), start)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x.to(self.norm.weight.device))).float()
+
+
+def required_weights(config: ModelConfig) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    parts = ["input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+             "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    names += [f"model.layers.{i}.{part}.weight" for i in range(config.num_layers) for part in parts]
+    return names

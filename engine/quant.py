@@ -1,0 +1,104 @@
+"""The one internal 4-bit linear form that every checkpoint format loads into.
+
+A weight W of shape [out, in] is stored transposed and packed, the way GPTQ packs `qweight`:
+
+    packed  int32 [in / 8, out]   input row r of a column sits in bits 4*(r % 8) of word r // 8
+    scale   float [groups, out]
+    offset  float [groups, out]   W[o, r] = scale[r // group_size, o] * q[r, o] + offset[r // group_size, o]
+    perm    int64 [in] or None    the layer computes x[..., perm] @ W^T
+
+A per-group scale and offset cover GPTQ (sym and asym, offset = -scale * zero), GGUF Q4_0
+(offset = -8 * d), Q4_1 (offset = m) and Q4_K (offset = -dmin * m) exactly. `perm` reorders the
+input features so that act-order checkpoints, whose groups are scattered over the rows, become
+contiguous groups; it is applied to the activations, which is exact and costs one gather.
+
+The PyTorch path below is the reference that the CUDA kernels must match.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PACK = 8  # 4-bit values per int32 word
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+
+
+def pack_rows(q: torch.Tensor) -> torch.Tensor:
+    """Pack integer values in 0..15 of shape [in, out] into int32 [in / 8, out]."""
+    rows, cols = q.shape
+    if rows % PACK:
+        raise ValueError(f"cannot pack {rows} input rows: the count must be a multiple of {PACK}")
+    q = q.to(torch.int32).reshape(rows // PACK, PACK, cols)
+    shifts = _SHIFTS.to(q.device).view(1, PACK, 1)
+    # Nibbles occupy disjoint bits, so a sum is a bitwise or; int32 wrap-around keeps bit 31 right.
+    return (q << shifts).sum(dim=1, dtype=torch.int32)
+
+
+def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_rows: int32 [in / 8, out] -> uint8 [in, out] with values 0..15."""
+    words, cols = packed.shape
+    shifts = _SHIFTS.to(packed.device).view(1, PACK, 1)
+    q = (packed.unsqueeze(1) >> shifts) & 0xF
+    return q.reshape(words * PACK, cols).to(torch.uint8)
+
+
+class Q4Linear(torch.nn.Module):
+    """A bias-free linear layer with 4-bit weights in the internal form described above."""
+
+    def __init__(self, packed, scale, offset, group_size: int, perm=None):
+        super().__init__()
+        in_features = packed.shape[0] * PACK
+        out_features = packed.shape[1]
+        groups = scale.shape[0]
+        if group_size * groups != in_features or scale.shape != offset.shape or scale.shape[1] != out_features:
+            raise ValueError(
+                f"inconsistent 4-bit layer: {in_features} inputs, {out_features} outputs, "
+                f"group size {group_size}, scale {tuple(scale.shape)}, offset {tuple(offset.shape)}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.register_buffer("packed", packed.to(torch.int32).contiguous())
+        self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("offset", offset.contiguous())
+        self.register_buffer("perm", None if perm is None else perm.to(torch.int64).contiguous())
+        # A dequantized copy, kept when the caller trades memory for speed (the CPU path does).
+        self.dense: torch.Tensor | None = None
+
+    @classmethod
+    def from_values(cls, q, scale, offset, group_size, perm=None) -> "Q4Linear":
+        """Build from unpacked 4-bit values q [in, out] (row r already in permuted order)."""
+        return cls(pack_rows(q), scale, offset, group_size, perm)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int = 128) -> "Q4Linear":
+        """Round-to-nearest asymmetric 4-bit quantization of a dense [out, in] weight."""
+        out_features, in_features = weight.shape
+        if group_size <= 0 or in_features % group_size:
+            group_size = in_features
+        w = weight.float().t().reshape(in_features // group_size, group_size, out_features)
+        low = w.amin(dim=1)
+        high = w.amax(dim=1)
+        scale = ((high - low) / 15).clamp_min(1e-8)
+        q = torch.round((w - low.unsqueeze(1)) / scale.unsqueeze(1)).clamp(0, 15)
+        return cls.from_values(q.reshape(in_features, out_features), scale, low, group_size)
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        """The weight as a dense [out, in] tensor in the permuted input order."""
+        dtype = dtype or self.scale.dtype
+        q = unpack_rows(self.packed).to(dtype)
+        groups = self.scale.shape[0]
+        q = q.view(groups, self.group_size, self.out_features)
+        w = q * self.scale.to(dtype).unsqueeze(1) + self.offset.to(dtype).unsqueeze(1)
+        return w.reshape(self.in_features, self.out_features).t()
+
+    def materialize(self, dtype) -> None:
+        """Keep a dequantized copy in `dtype` so each call is one plain matmul."""
+        self.dense = self.dequantize(torch.float32).to(dtype).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        weight = self.dense if self.dense is not None else self.dequantize(x.dtype)
+        return F.linear(x, weight.to(x.dtype))
