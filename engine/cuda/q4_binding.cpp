@@ -1,0 +1,112 @@
+// PyTorch binding for the 4-bit kernels: checks the tensors, picks the launch, reports CUDA errors.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "q4_kernels.h"
+
+namespace {
+
+constexpr int kTileN = 16;
+constexpr int kTileK = 64;
+constexpr int kMaxRows = 16;
+// Staging x in shared memory above this would leave room for fewer than two blocks per
+// multiprocessor; larger inputs are gathered through perm by a separate pass instead.
+constexpr int64_t kMaxStagedBytes = 96 * 1024;
+
+void check_prepared(const torch::Tensor& weights, const torch::Tensor& scales, int64_t in_features,
+                    int64_t out_features) {
+  TORCH_CHECK(weights.is_cuda() && weights.scalar_type() == torch::kInt32 && weights.is_contiguous() &&
+                  weights.dim() == 4 && weights.size(2) == 32 && weights.size(3) == 4,
+              "q4: weights must be contiguous int32 CUDA [n_tiles, k_tiles, 32, 4]");
+  TORCH_CHECK(scales.is_cuda() && scales.scalar_type() == torch::kFloat16 && scales.is_contiguous() &&
+                  scales.dim() == 4 && scales.size(0) == weights.size(0) && scales.size(2) == 8 &&
+                  scales.size(3) == 4,
+              "q4: scales must be contiguous float16 CUDA [n_tiles, groups, 8, 4]");
+  TORCH_CHECK(weights.size(0) * kTileN >= out_features && weights.size(1) * kTileK >= in_features &&
+                  in_features % 8 == 0,
+              "q4: layer shape does not match the prepared weights");
+  TORCH_CHECK(weights.get_device() == scales.get_device(), "q4: weights and scales on different devices");
+}
+
+// y[rows, out] = x[rows, in][:, perm] @ W^T for 1..16 rows. `warps` (4 or 8) and `mode`
+// (0 choose, 1 read x from global memory, 2 stage x in shared memory) exist for the benchmark.
+torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scales, std::optional<torch::Tensor> perm,
+                     int64_t group_magic, int64_t out_features, torch::Tensor y, int64_t warps, int64_t mode) {
+  const int64_t in_features = x.size(-1);
+  check_prepared(weights, scales, in_features, out_features);
+  TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kFloat16 && x.dim() == 2,
+              "q4: x must be a 2-D float16 CUDA tensor");
+  TORCH_CHECK(x.get_device() == weights.get_device(), "q4: x is on another device than the weights");
+  const int64_t rows = x.size(0);
+  TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "q4: the kernel takes 1 to 16 rows, got ", rows);
+  TORCH_CHECK(y.is_cuda() && y.scalar_type() == torch::kFloat16 && y.is_contiguous() && y.dim() == 2 &&
+                  y.size(0) == rows && y.size(1) == out_features && y.get_device() == x.get_device(),
+              "q4: y must be a contiguous float16 CUDA tensor [rows, out_features]");
+  TORCH_CHECK(warps == 4 || warps == 8, "q4: warps must be 4 or 8");
+  if (perm) {
+    TORCH_CHECK(perm->is_cuda() && perm->scalar_type() == torch::kInt32 && perm->is_contiguous() &&
+                    perm->numel() == in_features,
+                "q4: perm must be a contiguous int32 CUDA tensor of in_features entries");
+  }
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t k_tiles = weights.size(1);
+  const int64_t x_stride = k_tiles * kTileK + 8;  // +8 halves: rows land on different banks
+  const bool fits = rows * x_stride * 2 <= kMaxStagedBytes;
+  bool staged = mode == 2 || (mode == 0 && perm.has_value() && fits);
+  TORCH_CHECK(!staged || fits, "q4: x is too large to stage in shared memory");
+  // The kernel reads x with 16-byte loads: copy a misaligned view, gather an unstaged perm.
+  if (!staged && perm) x = x.index_select(1, *perm);
+  x = x.contiguous();
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) x = x.clone();
+
+  q4::MatmulArgs args{};
+  args.x = reinterpret_cast<const half*>(x.data_ptr<at::Half>());
+  args.rows = int(rows);
+  args.in_features = int(in_features);
+  args.perm = staged && perm ? perm->data_ptr<int32_t>() : nullptr;
+  args.x_stride = int(x_stride);
+  args.weights = reinterpret_cast<const uint4*>(weights.data_ptr<int32_t>());
+  args.scales = reinterpret_cast<const uint2*>(scales.data_ptr<at::Half>());
+  args.k_tiles = int(k_tiles);
+  args.groups_pad = int(scales.size(1));
+  args.group_magic = uint32_t(group_magic);
+  args.y = reinterpret_cast<half*>(y.data_ptr<at::Half>());
+  args.out_features = int(out_features);
+  const cudaError_t err = q4::matmul(args, int(weights.size(0)), int(warps), staged,
+                                     c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "q4 matmul launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
+// The dense float16 [out, in] weight, for row counts where a cuBLAS product beats the kernel.
+torch::Tensor dequantize(torch::Tensor weights, torch::Tensor scales, int64_t group_magic, int64_t in_features,
+                         int64_t out_features) {
+  check_prepared(weights, scales, in_features, out_features);
+  const c10::cuda::CUDAGuard guard(weights.device());
+  auto w = torch::empty({out_features, in_features}, scales.options());
+  q4::DequantArgs args{};
+  args.weights = reinterpret_cast<const uint4*>(weights.data_ptr<int32_t>());
+  args.scales = reinterpret_cast<const uint2*>(scales.data_ptr<at::Half>());
+  args.n_tiles = int(weights.size(0));
+  args.k_tiles = int(weights.size(1));
+  args.groups_pad = int(scales.size(1));
+  args.group_magic = uint32_t(group_magic);
+  args.in_features = int(in_features);
+  args.out_features = int(out_features);
+  args.w = reinterpret_cast<half*>(w.data_ptr<at::Half>());
+  const cudaError_t err = q4::dequantize(args, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "q4 dequantize launch failed: ", cudaGetErrorString(err));
+  return w;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("matmul", &matmul, "4-bit matrix product for 1..16 rows (writes and returns y)");
+  m.def("dequantize", &dequantize, "dense float16 [out, in] weight from the prepared layout");
+}
