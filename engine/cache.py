@@ -1,7 +1,7 @@
 """KV cache: one preallocated key and value buffer per layer, written in place.
 
 Positions are owned by the caller (the generator), which tracks which tokens the cache holds; rewinding
-is just writing at an earlier position, since attention only reads up to the position it is given.
+is just writing at an earlier position, since attention only reads slots at or before a query's position.
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq_len = max_seq_len
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [1, kv_heads, length, head_dim] at start.., return the cache up to the end of them."""
-        end = start + k.shape[2]
-        if end > self.max_seq_len:
-            raise ValueError(f"the KV cache holds {self.max_seq_len} positions; position {end} does not fit")
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
-        return self.keys[:, :, :end], self.values[:, :, :end]
+    def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cache_len: int):
+        """Store k, v [1, kv_heads, length, head_dim] at `positions`; return the first cache_len slots."""
+        if cache_len > self.max_seq_len:
+            raise ValueError(f"the KV cache holds {self.max_seq_len} positions; {cache_len} do not fit")
+        self.keys.index_copy_(2, positions, k)
+        self.values.index_copy_(2, positions, v)
+        return self.keys[:, :, :cache_len], self.values[:, :, :cache_len]

@@ -87,11 +87,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def grouped_attention(q, keys, values, start: int) -> torch.Tensor:
-    """Causal attention where each KV head serves a group of query heads, without repeating the cache.
+def grouped_attention(q, keys, values, bias: torch.Tensor) -> torch.Tensor:
+    """Attention where each KV head serves a group of query heads, without repeating the cache.
 
-    q [batch, heads, length, head_dim] holds positions start..start+length-1; keys and values
-    [batch, kv_heads, start+length, head_dim] hold every position up to the last query.
+    q [batch, heads, length, head_dim]; keys and values [batch, kv_heads, cache_len, head_dim];
+    bias [length, cache_len] is 0 where a query may see a key and -inf where it may not.
     """
     batch, heads, length, head_dim = q.shape
     kv_heads = keys.shape[1]
@@ -99,11 +99,7 @@ def grouped_attention(q, keys, values, start: int) -> torch.Tensor:
     # Query head h uses KV head h // group, so a view puts each group's queries next to its keys.
     grouped = q.reshape(batch, kv_heads, group * length, head_dim)
     scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * head_dim**-0.5
-    if length > 1:
-        query_pos = start + torch.arange(length, device=q.device).repeat(group)
-        key_pos = torch.arange(keys.shape[2], device=q.device)
-        scores = scores.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
-    weights = torch.softmax(scores, dim=-1).to(values.dtype)
+    weights = torch.softmax(scores + bias.repeat(group, 1), dim=-1).to(values.dtype)
     return torch.matmul(weights, values).view(batch, heads, length, head_dim)
 
 
@@ -119,14 +115,14 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, start: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, positions, bias) -> torch.Tensor:
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = self.cache.write(k, v, start)
-        out = grouped_attention(q, keys, values, start)
+        keys, values = self.cache.write(k, v, positions, bias.shape[-1])
+        out = grouped_attention(q, keys, values, bias)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -150,8 +146,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(weights[prefix + "post_attention_layernorm.weight"], config.rms_norm_eps)
         self.mlp = FeedForward(weights, prefix + "mlp.")
 
-    def forward(self, x, cos, sin, start: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start)
+    def forward(self, x, cos, sin, positions, bias) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, bias)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -170,26 +166,35 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
 
     def setup_cache(self, max_seq_len: int, dtype: torch.dtype) -> None:
-        """Preallocate every layer's KV cache on that layer's device."""
+        """Preallocate every layer's KV cache on that layer's device, and the rotary tables."""
         for layer in self.layers:
             device = layer.input_layernorm.weight.device
             layer.self_attn.cache = KVCache(self.config.num_kv_heads, self.config.head_dim, max_seq_len, dtype, device)
-
-    def rotary(self, start: int, length: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(start, start + length, device=self.inv_freq.device, dtype=torch.float32)
-        angles = torch.outer(positions, self.inv_freq)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        self.rope_cos, self.rope_sin = angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, tokens: torch.Tensor, start: int, last_only: bool = True) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor:
         """Logits (float32) for tokens [batch, length] placed at positions start.., writing the KV cache."""
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        return self.step(tokens, positions, start + tokens.shape[1], last_only)
+
+    def step(self, tokens, positions: torch.Tensor, cache_len: int, last_only: bool = True) -> torch.Tensor:
+        """The forward pass with positions given as a tensor, attending over the first cache_len cache slots.
+
+        Only tensor values change from call to call, never shapes, so a CUDA graph can capture a decode
+        step for a fixed cache_len and replay it at any position below that.
+        """
         x = F.embedding(tokens, self.embed_tokens)
-        cos, sin = self.rotary(start, tokens.shape[1], x.dtype)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        keys = torch.arange(cache_len, device=positions.device)
+        bias = torch.zeros(positions.shape[0], cache_len, device=positions.device)
+        bias = bias.masked_fill(keys[None, :] > positions[:, None], float("-inf"))
         for layer in self.layers:
-            x = layer(x, cos.to(x.device), sin.to(x.device), start)
+            x = layer(x, cos, sin, positions, bias)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x.to(self.norm.weight.device))).float()
+        return self.lm_head(self.norm(x)).float()
 
 
 def required_weights(config: ModelConfig) -> list[str]:
