@@ -1,0 +1,208 @@
+// The open chat as the server sees it: its document, the job writing in it, and the reply streaming now.
+// It follows the server's broadcasts (docs/PROTOCOL.md) and sends the user's changes, each with the
+// revision it was based on. Views listen for:
+//   "doc"     the document changed (any part of it)
+//   "stream"  {message_id}: the streaming reply got more text
+//   "job"     the job, its queue position or the streaming target changed
+//   "stats"   a reply finished (this.lastReply)
+//   "closed"  {reason}: the session went away ("deleted") or was closed by the page
+
+export class ChatSession {
+  constructor(connection) {
+    this.connection = connection;
+    this.listeners = new Map();
+    this.finishedJobs = new Set();
+    this.reset(null);
+    const events = {
+      snapshot: (data) => this.onSnapshot(data),
+      session_updated: (data) => this.takeDoc(data.session),
+      session_deleted: () => this.onDeleted(),
+      queue_position: (data) => this.onQueuePosition(data),
+      generation_started: (data) => this.onGenerationStarted(data),
+      token: (data) => this.onToken(data),
+      generation_finished: (data) => this.onGenerationFinished(data),
+      job_finished: (data) => this.onJobFinished(data),
+    };
+    for (const [name, handler] of Object.entries(events)) {
+      connection.on(name, (data) => {
+        if (data && data.session_id === this.id) handler(data);
+      });
+    }
+  }
+
+  reset(id) {
+    this.id = id;
+    this.doc = null;
+    this.job = null; // {job_id, state: "queued" | "running", ahead}
+    this.live = null; // {message_id, swipe, author}: the reply streaming now
+    this.lastReply = null; // the statistics of the last reply finished while watching
+  }
+
+  on(name, callback) {
+    if (!this.listeners.has(name)) this.listeners.set(name, []);
+    this.listeners.get(name).push(callback);
+  }
+
+  emit(name, detail) {
+    for (const callback of this.listeners.get(name) || []) callback(detail);
+  }
+
+  get busy() {
+    return this.job !== null;
+  }
+
+  /** Watch session `id`: its snapshot arrives as an event, then every broadcast after it. */
+  open(id) {
+    this.reset(id);
+    this.emit('doc');
+    this.emit('job');
+    return this.join();
+  }
+
+  close() {
+    this.reset(null);
+    this.emit('closed', { reason: 'closed' });
+  }
+
+  /** (Re)join the room; after a reconnect the snapshot brings back the text so far of a running reply. */
+  join() {
+    if (!this.id || !this.connection.connected) return Promise.resolve();
+    return this.connection.request('join', { session_id: this.id });
+  }
+
+  // --- what the server tells -----------------------------------------------------------------------
+
+  /** Keep `doc` unless it is older than the one held: broadcasts from different sources can cross. */
+  takeDoc(doc) {
+    if (!doc || doc.id !== this.id) return;
+    if (this.doc && doc.revision < this.doc.revision) return;
+    this.doc = doc;
+    this.emit('doc');
+  }
+
+  onSnapshot({ session, job }) {
+    this.doc = session;
+    this.job = job ? { job_id: job.job_id, state: job.state, ahead: job.ahead } : null;
+    this.live = job && job.reply ? { message_id: job.reply.message_id, swipe: job.reply.swipe, author: null } : null;
+    if (this.live) this.live.author = this.message(this.live.message_id)?.author ?? null;
+    this.emit('doc');
+    this.emit('job');
+  }
+
+  onDeleted() {
+    const id = this.id;
+    this.reset(null);
+    this.emit('closed', { reason: 'deleted', id });
+  }
+
+  onQueuePosition({ job_id, ahead }) {
+    if (this.finishedJobs.has(job_id)) return;
+    this.job = { job_id, state: 'queued', ahead };
+    this.emit('job');
+  }
+
+  onGenerationStarted({ job_id, message_id, swipe, author, text }) {
+    this.job = { job_id, state: 'running', ahead: 0 };
+    this.live = { message_id, swipe, author };
+    const entry = this.swipeEntry(message_id, swipe);
+    if (entry) entry.text = text;
+    this.emit('job');
+    this.emit('stream', { message_id });
+  }
+
+  onToken({ message_id, swipe, offset, text }) {
+    const entry = this.swipeEntry(message_id, swipe);
+    if (!entry) return;
+    if (offset === entry.text.length) {
+      entry.text += text;
+      this.emit('stream', { message_id });
+    } else if (offset > entry.text.length || entry.text.slice(offset, offset + text.length) !== text) {
+      // A gap (or text that disagrees with ours): the snapshot of a fresh join has it all.
+      this.join().catch(() => {});
+    } // else: a piece already held, e.g. around a reconnect
+  }
+
+  onGenerationFinished(data) {
+    this.lastReply = data;
+    this.live = null;
+    this.emit('stats');
+    this.emit('job');
+  }
+
+  onJobFinished({ job_id }) {
+    this.finishedJobs.add(job_id);
+    if (this.job && this.job.job_id === job_id) {
+      this.job = null;
+      this.live = null;
+      this.emit('job');
+    }
+  }
+
+  /** A job we asked for: its acknowledgement can arrive after the job's first events, or even its end. */
+  noteQueued({ job_id, ahead }) {
+    if (this.finishedJobs.has(job_id) || (this.job && this.job.job_id === job_id)) return;
+    this.job = { job_id, state: ahead > 0 ? 'queued' : 'running', ahead };
+    this.emit('job');
+  }
+
+  message(id) {
+    return this.doc ? this.doc.messages.find((message) => message.id === id) : undefined;
+  }
+
+  swipeEntry(messageId, swipe) {
+    const message = this.message(messageId);
+    return message ? message.swipes[swipe] : undefined;
+  }
+
+  // --- what the user asks for ----------------------------------------------------------------------
+
+  async change(event, fields = {}, revision = this.doc.revision) {
+    return this.connection.request(event, { session_id: this.id, revision, ...fields });
+  }
+
+  async queue(event, fields) {
+    const answer = await this.change(event, fields);
+    this.noteQueued(answer);
+    return answer;
+  }
+
+  send(text, nextSpeaker) {
+    return this.queue('send', nextSpeaker ? { text, next_speaker: nextSpeaker } : { text });
+  }
+
+  regenerate() {
+    return this.queue('regenerate');
+  }
+
+  continueReply() {
+    return this.queue('continue');
+  }
+
+  stop() {
+    return this.connection.request('stop', { session_id: this.id });
+  }
+
+  chooseSwipe(messageId, swipe) {
+    return this.change('choose_swipe', { message_id: messageId, swipe });
+  }
+
+  editMessage(messageId, text, revision) {
+    return this.change('edit_message', { message_id: messageId, text }, revision);
+  }
+
+  deleteMessage(messageId) {
+    return this.change('delete_message', { message_id: messageId });
+  }
+
+  rewind(messageId) {
+    return this.change('rewind', { message_id: messageId });
+  }
+}
+
+export function shownText(message) {
+  return message.swipes[message.chosen].text;
+}
+
+export function botNames(doc) {
+  return doc ? doc.participants.filter((p) => !p.is_user).map((p) => p.name) : [];
+}

@@ -1,0 +1,200 @@
+// The setup panel: participants (names, personas, who is the user), generation settings and the fixed
+// prompt. Each form shows the session as it is until the user starts changing it; from then on it keeps
+// the user's input and the revision it started from, so saving over another tab's change is refused
+// (stale_revision) instead of silently undoing it.
+
+import { $, $$, autoGrow, h } from './dom.js';
+import { patch } from './api.js';
+import { notify, notifyError } from './notices.js';
+
+// Every generation setting the server knows (webui/schema.py SETTINGS), with what the user sees.
+const SETTINGS = [
+  { name: 'temperature', label: 'Temperature', min: 0, max: 5, step: 0.05, help: '0 always takes the likeliest token' },
+  { name: 'top_k', label: 'Top K', min: 0, max: 1000, step: 1, help: '0 turns it off' },
+  { name: 'top_p', label: 'Top P', min: 0, max: 1, step: 0.01, help: '1 turns it off' },
+  { name: 'min_p', label: 'Min P', min: 0, max: 1, step: 0.01, help: '0 turns it off' },
+  { name: 'typical', label: 'Typical P', min: 0, max: 1, step: 0.01, help: '1 turns it off' },
+  { name: 'repetition_penalty', label: 'Repetition penalty', min: 0.5, max: 3, step: 0.01, help: '1 turns it off' },
+  { name: 'repetition_sustain', label: 'Repetition range', min: 0, max: 65536, step: 1, help: 'tokens penalised in full' },
+  { name: 'repetition_decay', label: 'Repetition decay', min: 0, max: 65536, step: 1, help: 'tokens over which it fades' },
+  { name: 'frequency_penalty', label: 'Frequency penalty', min: -2, max: 2, step: 0.05 },
+  { name: 'presence_penalty', label: 'Presence penalty', min: -2, max: 2, step: 0.05 },
+  { name: 'seed', label: 'Seed', min: 0, step: 1, optional: true, help: 'empty: a new one every time' },
+  { name: 'max_reply_tokens', label: 'Max reply tokens', min: 1, max: 4096, step: 1 },
+  { name: 'end_on_newline', label: 'End the reply at a line break', kind: 'checkbox' },
+  { name: 'prompt_format', label: 'Prompt format', kind: 'select',
+    options: [['roleplay', 'Roleplay (fixed prompt, personas, Name: lines)'], ['chat_template', "The model's chat template (one bot)"]] },
+];
+
+class SetupForm {
+  constructor(session, form, { fill, read }) {
+    this.session = session;
+    this.form = form;
+    this.fillFields = fill;
+    this.read = read;
+    this.dirty = false;
+    this.revision = null;
+    form.addEventListener('input', () => { this.dirty = true; });
+    form.addEventListener('change', () => { this.dirty = true; });
+    form.addEventListener('submit', (event) => {
+      event.preventDefault();
+      this.save();
+    });
+    session.on('doc', () => this.refresh());
+    session.on('closed', () => this.refresh());
+  }
+
+  refresh(force = false) {
+    const doc = this.session.doc;
+    for (const control of this.form.elements) control.disabled = !doc;
+    if (!doc || (this.dirty && !force)) return;
+    this.dirty = false;
+    this.revision = doc.revision;
+    this.fillFields(doc);
+  }
+
+  async save() {
+    const id = this.session.id;
+    try {
+      const answer = await patch(`/api/sessions/${id}`, { revision: this.revision, ...this.read() });
+      this.dirty = false;
+      this.session.takeDoc(answer.session);
+      this.refresh(true);
+      notify('Saved.', { kind: 'info', seconds: 2, key: 'saved' });
+    } catch (error) {
+      notifyError(error);
+      if (error.code === 'stale_revision') {
+        this.refresh(true);
+        notify('The panel now shows the latest version; make your change again.', { kind: 'info', seconds: 15 });
+      }
+    }
+  }
+}
+
+export class SetupPanel {
+  constructor(session) {
+    this.session = session;
+    this.panel = $('#setup');
+    for (const tab of $$('[data-tab]', this.panel)) tab.addEventListener('click', () => this.showTab(tab.dataset.tab));
+    this.buildSettingsFields();
+    this.participants = new SetupForm(session, $('#participants-form'), {
+      fill: (doc) => this.fillParticipants(doc),
+      read: () => ({ participants: this.readParticipants() }),
+    });
+    this.settings = new SetupForm(session, $('#settings-form'), {
+      fill: (doc) => this.fillSettings(doc),
+      read: () => ({ settings: this.readSettings() }),
+    });
+    this.prompt = new SetupForm(session, $('#prompt-form'), {
+      fill: (doc) => {
+        const form = $('#prompt-form');
+        form.elements.fixed_prompt.value = doc.fixed_prompt;
+        form.elements.keep_fixed_prompt.checked = doc.keep_fixed_prompt;
+      },
+      read: () => {
+        const form = $('#prompt-form');
+        return { fixed_prompt: form.elements.fixed_prompt.value, keep_fixed_prompt: form.elements.keep_fixed_prompt.checked };
+      },
+    });
+    $('[data-action="add-participant"]').addEventListener('click', () => {
+      const rows = $('#participant-rows');
+      const taken = new Set(this.readParticipants().map((p) => p.name.toLowerCase()));
+      let number = rows.children.length;
+      while (taken.has(`bot ${number}`)) number += 1;
+      rows.append(this.participantRow({ name: `Bot ${number}`, persona: '', is_user: false }));
+      this.participants.dirty = true;
+      rows.lastElementChild.querySelector('input[name="name"]').select();
+    });
+  }
+
+  get open() {
+    return !this.panel.hidden;
+  }
+
+  toggle(show = !this.open) {
+    this.panel.hidden = !show;
+  }
+
+  showTab(name) {
+    for (const tab of $$('[data-tab]', this.panel)) tab.setAttribute('aria-selected', String(tab.dataset.tab === name));
+    for (const panel of $$('[data-panel]', this.panel)) panel.hidden = panel.dataset.panel !== name;
+  }
+
+  // --- participants ------------------------------------------------------------------------------
+
+  participantRow(participant) {
+    const row = h('fieldset', { class: 'participant' },
+      h('div', { class: 'row' },
+        h('input', { name: 'name', value: participant.name, maxlength: 40, required: true, 'aria-label': 'Name' }),
+        h('label', { class: 'check' },
+          h('input', { type: 'radio', name: 'is_user', checked: participant.is_user }), 'You'),
+        h('button', {
+          type: 'button', class: 'icon', dataset: { action: 'remove-participant' }, 'aria-label': 'Remove', title: 'Remove',
+          onclick: () => {
+            row.remove();
+            this.participants.dirty = true;
+          },
+        }, '×')),
+      h('textarea', { name: 'persona', rows: 2, maxlength: 4000, placeholder: 'Persona: who this is, how they talk', 'aria-label': 'Persona' }));
+    row.querySelector('textarea').value = participant.persona;
+    return row;
+  }
+
+  fillParticipants(doc) {
+    const rows = $('#participant-rows');
+    rows.replaceChildren(...doc.participants.map((participant) => this.participantRow(participant)));
+    for (const textarea of $$('textarea', rows)) autoGrow(textarea);
+  }
+
+  readParticipants() {
+    return $$('#participant-rows .participant').map((row) => ({
+      name: row.querySelector('input[name="name"]').value.trim(),
+      persona: row.querySelector('textarea').value,
+      is_user: row.querySelector('input[type="radio"]').checked,
+    }));
+  }
+
+  // --- settings ----------------------------------------------------------------------------------
+
+  buildSettingsFields() {
+    const fields = SETTINGS.map((spec) => {
+      const id = `setting-${spec.name}`;
+      let control;
+      if (spec.kind === 'checkbox') {
+        return h('label', { class: 'check wide' }, h('input', { type: 'checkbox', id, name: spec.name }), spec.label);
+      }
+      if (spec.kind === 'select') {
+        control = h('select', { id, name: spec.name }, spec.options.map(([value, label]) => h('option', { value }, label)));
+        return h('label', { class: 'wide' }, spec.label, control);
+      }
+      control = h('input', {
+        type: 'number', id, name: spec.name, step: spec.step, min: spec.min, max: spec.max,
+        required: !spec.optional, placeholder: spec.optional ? 'random' : undefined,
+      });
+      return h('label', { title: spec.help || '' }, spec.label, control, spec.help ? h('small', { class: 'muted' }, spec.help) : null);
+    });
+    $('#settings-fields').replaceChildren(...fields);
+  }
+
+  fillSettings(doc) {
+    const form = $('#settings-form');
+    for (const spec of SETTINGS) {
+      const control = form.elements[spec.name];
+      const value = doc.settings[spec.name];
+      if (spec.kind === 'checkbox') control.checked = Boolean(value);
+      else control.value = value === null || value === undefined ? '' : String(value);
+    }
+  }
+
+  readSettings() {
+    const form = $('#settings-form');
+    const settings = {};
+    for (const spec of SETTINGS) {
+      const control = form.elements[spec.name];
+      if (spec.kind === 'checkbox') settings[spec.name] = control.checked;
+      else if (spec.kind === 'select') settings[spec.name] = control.value;
+      else settings[spec.name] = control.value.trim() === '' ? null : Number(control.value);
+    }
+    return settings;
+  }
+}

@@ -1,0 +1,375 @@
+"""The generation worker: one thread owns the model and writes every user's replies, one job at a time,
+first come first served.
+
+A job is what one request asks for: a reply from one bot, a multibot round, a new alternative (swipe)
+for the last reply, or more of it. While a job is queued or running its session is busy: only the worker
+writes it, and it saves the reply as it streams. Everything clients hear about jobs is broadcast while
+holding the worker's lock, so that a client joining mid-reply gets the text so far and
+then exactly the pieces that follow."""
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from engine.errors import ModelError
+from engine.generator import Generator
+from engine.sampling import SamplingSettings
+from flask import current_app
+
+from .errors import WebUIError
+from .operations import (add_message, add_swipe, bot_names, index_of, last_bot_message, new_swipe, text_of,
+                         user_name)
+from .prompt import build_prompt
+from .rooms import broadcast, broadcast_session
+from .schema import new_message_id
+from .store import Change, SessionStore
+
+log = logging.getLogger(__name__)
+
+# How often a failed final save (disk full) is tried again while the worker has nothing else to do.
+RETRY_SAVE_SECONDS = 5.0
+
+@dataclass
+class Job:
+    user: str
+    session_id: str
+    kind: str  # "reply" | "round" | "regenerate" | "continue"
+    revision: int  # the session's revision as last seen by this job; sent along with every event
+    speaker: str | None = None  # "reply": the bot that answers
+    message_id: str | None = None  # "regenerate" / "continue": the reply they work on
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    cancel: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None  # when the worker took it from the queue
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.user, self.session_id)
+
+
+def current_worker() -> "GenerationWorker | None":
+    """The app's generation worker, or None when the server runs without a model."""
+    return current_app.extensions["generation_worker"]
+
+
+def busy_error() -> WebUIError:
+    return WebUIError("busy", "A reply is being written in this session; wait for it to finish or stop it first.")
+
+
+def job_for_message(user: str, doc: dict, next_speaker: str | None) -> Job:
+    """What answers a user's message: the named bot, the only bot, or a multibot round."""
+    bots = bot_names(doc)
+    if next_speaker is not None:
+        if next_speaker not in bots:
+            raise WebUIError("bad_request", f"{next_speaker!r} is not a bot of this session.")
+        return Job(user, doc["id"], "reply", doc["revision"], speaker=next_speaker)
+    if len(bots) == 1:
+        return Job(user, doc["id"], "reply", doc["revision"], speaker=bots[0])
+    return Job(user, doc["id"], "round", doc["revision"])
+
+
+@dataclass
+class LiveReply:
+    """The reply being written now, inside the in-memory copy of its session that clients are shown."""
+
+    job: Job
+    doc: dict
+    message_id: str
+    swipe: int
+
+    @property
+    def swipe_entry(self) -> dict:
+        return self.doc["messages"][index_of(self.doc, self.message_id)]["swipes"][self.swipe]
+
+
+class GenerationWorker:
+    def __init__(self, model, store: SessionStore, checkpoint_seconds: float = 2.0):
+        self._model = model
+        self._store = store
+        self._checkpoint_seconds = checkpoint_seconds
+        self._lock = threading.Condition()  # guards the fields below and orders what clients hear
+        self._queue: list[Job] = []
+        self._running: Job | None = None
+        self._live: LiveReply | None = None
+        self._unsaved: dict[tuple[str, str], Change] = {}
+        self._keep_from: dict[tuple[str, str], str | None] = {}
+        self._closing = False
+        self._thread = threading.Thread(target=self._serve, name="generation-worker", daemon=True)
+        self._thread.start()
+
+    # --- called from request handlers -------------------------------------------------------------
+
+    def submit(self, job: Job) -> int:
+        """Queue `job`; returns how many jobs will run before it."""
+        with self._lock:
+            if self._busy(job.key):
+                raise busy_error()
+            self._queue.append(job)
+            self._announce_queue()
+            self._lock.notify_all()
+            return self._ahead(job)
+
+    def stop(self, user: str, session_id: str) -> bool:
+        """Cancel the session's job: a queued one never starts, a running one ends before its next token."""
+        with self._lock:
+            dropped = [job for job in self._queue if job.key == (user, session_id)]
+            for job in dropped:
+                self._queue.remove(job)
+                self._tell(job, "job_finished", reason="stopped")
+            if dropped:
+                self._announce_queue()
+            running = self._running is not None and self._running.key == (user, session_id)
+            if running:
+                self._running.cancel.set()
+            return running or bool(dropped)
+
+    def is_busy(self, user: str, session_id: str) -> bool:
+        with self._lock:
+            return self._busy((user, session_id))
+
+    def with_live_state(self, user: str, session_id: str, callback):
+        """Run `callback(state)` while no job event can go out; `state` is None when the session is idle,
+        else {"job": {...}, "doc": the session as shown now, including the reply so far}."""
+        with self._lock:
+            return callback(self._state((user, session_id)))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            if self._running is not None:
+                self._running.cancel.set()
+            self._lock.notify_all()
+        self._thread.join()
+
+    # --- the worker thread -------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        generator = Generator(self._model)  # owns the KV cache; only this thread may touch it
+        while True:
+            self._retry_unsaved()
+            with self._lock:
+                if self._closing:
+                    return
+                if not self._queue:
+                    self._lock.wait(timeout=RETRY_SAVE_SECONDS if self._unsaved else None)
+                    continue
+                job = self._queue.pop(0)
+                job.started = time.monotonic()
+                self._running = job
+                self._announce_queue()
+            self._run(job, generator)
+
+    def _run(self, job: Job, generator: Generator) -> None:
+        reason = "done"
+        try:
+            if job.kind == "round":
+                self._round(job, generator)
+            else:
+                self._single(job, generator)
+            if job.cancel.is_set():
+                reason = "stopped"
+        except (WebUIError, ModelError) as exc:
+            reason = "error"
+            error = exc if isinstance(exc, WebUIError) else WebUIError("model_error", str(exc))
+            self._tell(job, "chat_error", **error.to_dict())
+        except Exception:
+            log.exception("generation job %s failed", job.id)
+            reason = "error"
+            self._tell(job, "chat_error", code="internal", message="The reply failed; details are in the server log.")
+        finally:
+            with self._lock:
+                self._running = None
+                self._live = None
+                self._tell(job, "job_finished", reason=reason)
+
+    def _single(self, job: Job, generator: Generator) -> None:
+        doc = self._store.load(job.user, job.session_id)
+        if job.kind == "reply":
+            self._write_reply(job, generator, doc, job.speaker)
+            return
+        # The session was busy since the request, so this only fails if it changed in the instant before.
+        target = last_bot_message(doc)
+        if target["id"] != job.message_id:
+            raise WebUIError("invalid_operation", "The chat changed before the reply started; try again.")
+        self._write_reply(job, generator, doc, target["author"], target, job.kind == "continue")
+
+    def _round(self, job: Job, generator: Generator) -> None:
+        """Bots answer in turns the model picks; each speaks at most once; the round ends when the model
+        picks the user. The first pick leaves the user out: someone has to answer."""
+        doc = self._store.load(job.user, job.session_id)
+        spoken: list[str] = []
+        while not job.cancel.is_set():
+            candidates = [name for name in bot_names(doc) if name not in spoken]
+            if not candidates:
+                return
+            if spoken:
+                candidates.append(user_name(doc))
+            speaker = candidates[0]
+            if len(candidates) > 1:
+                speaker = candidates[self._pick(job, generator, doc, candidates)]
+            if speaker == user_name(doc):
+                return
+            doc = self._write_reply(job, generator, doc, speaker)
+            spoken.append(speaker)
+
+    def _pick(self, job, generator, doc, candidates) -> int:
+        prompt = self._prompt(job, doc, doc["messages"], None, None)
+        options = [f"{name}:" for name in candidates]
+        return generator.choose(prompt.ids, options, SamplingSettings.from_dict(doc["settings"]))
+
+    def _write_reply(self, job, generator, doc, speaker, target=None, continuing=False) -> dict:
+        """Stream one reply into the session: a new message, a new swipe of `target`, or more of
+        `target` when `continuing`. Returns the session as saved afterwards."""
+        history = doc["messages"] if target is None else doc["messages"][:-1]
+        partial = text_of(target) if continuing else None
+        prompt = self._prompt(job, doc, history, speaker, partial)
+        message_id = target["id"] if target else new_message_id()
+        earlier_choice = target["chosen"] if target else None
+        if not continuing:
+            # Room for the reply is saved before the first token, so that checkpoints have a place to go.
+            def make_room(stored: dict) -> None:
+                if target is None:
+                    add_message(stored, speaker, False, "", message_id)
+                else:
+                    add_swipe(stored["messages"][index_of(stored, message_id)])
+
+            doc = self._save(job, make_room)
+        swipe = doc["messages"][index_of(doc, message_id)]["chosen"]
+        live = LiveReply(job, doc, message_id, swipe)
+        with self._lock:
+            self._live = live
+            self._tell(job, "generation_started", message_id=message_id, swipe=swipe, author=speaker,
+                       text=live.swipe_entry["text"], queue_seconds=round(job.started - job.submitted, 3))
+        settings = doc["settings"]
+        stream = generator.generate(
+            prompt.ids, SamplingSettings.from_dict(settings), max_new_tokens=settings["max_reply_tokens"],
+            stop_strings=prompt.stop_strings, stop_on_eos=True, cancel=job.cancel,
+        )
+        last_checkpoint = time.monotonic()
+        for piece in stream:
+            self._append(live, piece, trim_start=not continuing)
+            if time.monotonic() - last_checkpoint >= self._checkpoint_seconds:
+                self._checkpoint(job, message_id, swipe, live.swipe_entry["text"])
+                last_checkpoint = time.monotonic()
+        result = stream.result
+        text = live.swipe_entry["text"].rstrip()
+        earlier_tokens = (target["swipes"][swipe]["tokens"] or 0) if continuing else 0
+
+        def finish(stored: dict) -> None:
+            index = index_of(stored, message_id)
+            message = stored["messages"][index]
+            if text.strip():
+                message["swipes"][swipe] = new_swipe(
+                    text, earlier_tokens + len(result.token_ids), round(result.tokens_per_second, 2)
+                )
+            elif target is None:  # an empty reply (stopped at once, or the model had nothing to say) is dropped
+                del stored["messages"][index]
+            elif not continuing:
+                del message["swipes"][swipe]
+                message["chosen"] = earlier_choice
+
+        doc = self._save(job, finish, final=True)
+        with self._lock:
+            self._live = None
+            self._tell(job, "generation_finished", message_id=message_id, swipe=swipe, kept=bool(text.strip()),
+                       stop_reason=result.stop_reason, tokens=len(result.token_ids),
+                       tokens_per_second=round(result.tokens_per_second, 2), prompt_tokens=result.prompt_tokens,
+                       reused_tokens=result.reused_tokens)
+        return doc
+
+    def _prompt(self, job, doc, history, speaker, partial):
+        budget = self._model.max_seq_len - doc["settings"]["max_reply_tokens"]
+        prompt = build_prompt(doc, self._model.tokenizer, history, speaker, partial, budget,
+                              self._keep_from.get(job.key))
+        self._keep_from[job.key] = prompt.first_message_id
+        return prompt
+
+    def _append(self, live: LiveReply, piece: str, trim_start: bool) -> None:
+        with self._lock:
+            entry = live.swipe_entry
+            if trim_start and not entry["text"]:
+                # "Name:" is followed by a space the model writes; the reply starts after it.
+                piece = piece.lstrip()
+            if piece:
+                offset = len(entry["text"])
+                entry["text"] += piece
+                self._tell(live.job, "token", message_id=live.message_id, swipe=live.swipe, offset=offset, text=piece)
+
+    # --- saving ------------------------------------------------------------------------------------
+
+    def _save(self, job: Job, change, final: bool = False) -> dict:
+        """Save a change as the next revision and show it to the session's room. A final save that fails
+        for lack of space is kept and tried again, and the session stays busy until it lands."""
+        try:
+            doc = self._store.update(job.user, job.session_id, None, change)
+        except WebUIError as exc:
+            if final and exc.code in ("disk_full", "storage"):
+                with self._lock:
+                    self._unsaved[job.key] = change
+                kept = " The reply is kept in memory and saved once that is fixed."
+                raise WebUIError(exc.code, exc.message + kept) from exc
+            raise
+        with self._lock:
+            job.revision = doc["revision"]
+            broadcast_session(job.user, doc)
+        return doc
+
+    def _checkpoint(self, job: Job, message_id: str, swipe: int, text: str) -> None:
+        def write_text(stored: dict) -> None:
+            stored["messages"][index_of(stored, message_id)]["swipes"][swipe]["text"] = text
+
+        try:
+            self._store.save_progress(job.user, job.session_id, write_text)
+        except WebUIError as exc:
+            # The reply goes on streaming; the final save reports the problem if it lasts.
+            log.warning("could not checkpoint session %s: %s", job.session_id, exc.message)
+
+    def _retry_unsaved(self) -> None:
+        with self._lock:
+            pending = list(self._unsaved.items())
+        for (user, session_id), change in pending:
+            try:
+                doc = self._store.update(user, session_id, None, change)
+            except WebUIError as exc:
+                log.warning("reply for session %s still unsaved: %s", session_id, exc.message)
+                continue
+            with self._lock:
+                del self._unsaved[(user, session_id)]
+                broadcast_session(user, doc)
+
+    # --- bookkeeping, under the lock ---------------------------------------------------------------
+
+    def _busy(self, key) -> bool:
+        running = self._running is not None and self._running.key == key
+        return running or key in self._unsaved or any(job.key == key for job in self._queue)
+
+    def _ahead(self, job: Job) -> int:
+        return self._queue.index(job) + (self._running is not None)
+
+    def _announce_queue(self) -> None:
+        for job in self._queue:
+            self._tell(job, "queue_position", ahead=self._ahead(job))
+
+    def _state(self, key) -> dict | None:
+        live = self._live if self._live is not None and self._live.job.key == key else None
+        job = next((job for job in [self._running, *self._queue] if job is not None and job.key == key), None)
+        if job is None:
+            return None
+        reply = None
+        if live is not None:
+            reply = {"message_id": live.message_id, "swipe": live.swipe, "length": len(live.swipe_entry["text"])}
+        return {
+            "job": {
+                "job_id": job.id,
+                "state": "running" if job is self._running else "queued",
+                "ahead": 0 if job is self._running else self._ahead(job),
+                "reply": reply,
+            },
+            "doc": live.doc if live is not None else None,
+        }
+
+    def _tell(self, job: Job, event: str, **fields) -> None:
+        broadcast(event, {"session_id": job.session_id, "job_id": job.id, "revision": job.revision, **fields},
+                  job.user, job.session_id)
