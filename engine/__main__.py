@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -25,13 +26,38 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", type=int, choices=[4], default=None,
                         help="quantize an unquantized checkpoint to 4 bits (group 128) while loading")
     parser.add_argument("--max-seq-len", type=int, default=None, help="context length to allocate the cache for")
+    parser.add_argument("--lora", type=lora_folder, action="append", default=[], metavar="[NAME=]DIR",
+                        help="PEFT LoRA adapter folder to apply, repeatable; NAME defaults to the folder's name")
+    parser.add_argument("--lora-weight", type=lora_weight, action="append", default=[], metavar="NAME=W",
+                        help="weight of the adapter NAME (default 1.0)")
+
+
+def lora_folder(spec: str) -> tuple[str, str]:
+    """`NAME=DIR`, or a plain DIR (which may itself contain '=') named after its last folder."""
+    name, equals, folder = spec.partition("=")
+    if not equals or os.path.isdir(spec):
+        return os.path.basename(os.path.normpath(spec)), spec
+    return name, folder
+
+
+def lora_weight(spec: str) -> tuple[str, float]:
+    name, _, weight = spec.partition("=")
+    try:
+        return name, float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r} is not NAME=NUMBER, e.g. style=0.5") from None
+
+
+def adapter_mix(args) -> dict[str, float]:
+    """Every --lora adapter at weight 1.0 unless --lora-weight says otherwise."""
+    return {name: 1.0 for name, _ in args.lora} | dict(args.lora_weight)
 
 
 def load(args):
     from .loader import load_model
 
     return load_model(args.model, device=args.device, dtype=DTYPES.get(args.dtype), quantize=args.quantize,
-                      max_seq_len=args.max_seq_len)
+                      max_seq_len=args.max_seq_len, lora=args.lora)
 
 
 def run_generate(args) -> None:
@@ -46,7 +72,9 @@ def run_generate(args) -> None:
         prompt_ids = tokenizer.encode_chat(tokenizer.render_chat([{"role": "user", "content": args.prompt}]))
     settings = SamplingSettings(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 min_p=args.min_p, seed=args.seed)
-    for piece in Generator(loaded).generate(prompt_ids, settings, max_new_tokens=args.max_new_tokens):
+    stream = Generator(loaded).generate(prompt_ids, settings, max_new_tokens=args.max_new_tokens,
+                                        adapters=adapter_mix(args))
+    for piece in stream:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -61,15 +89,22 @@ def run_ppl(args) -> None:
     except OSError as error:
         raise ModelError(f"{args.text_file}: cannot read the text file ({error.strerror})") from None
     loaded = load(args)
+    loaded.adapters.activate(adapter_mix(args))
     ids = loaded.tokenizer.encode(text)
     print(f"tokens: {len(ids)}, windows of {args.ctx}: {len(ids) // args.ctx}", file=sys.stderr)
     print(f"perplexity: {perplexity(loaded, ids, args.ctx):.4f}")
 
 
 def run_bench(args) -> None:
-    from .bench import measure
+    from .bench import measure, measure_synthetic
 
-    result = measure(load(args), prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=args.runs)
+    if args.synthetic:
+        if not torch.cuda.is_available():
+            raise ModelError("--synthetic benchmarks need a CUDA GPU")
+        result = measure_synthetic(args.synthetic, group_size=args.group_size, runs=args.runs)
+    else:
+        result = measure(load(args), prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=args.runs,
+                         adapters=adapter_mix(args))
     if args.json:
         print(json.dumps(result))
     else:
@@ -104,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--prompt-len", type=int, default=128)
     bench.add_argument("--runs", type=int, default=5)
+    bench.add_argument("--synthetic", metavar="NAME", default=None,
+                       help="a random-weight model of a known shape instead of -d: llama2-7b, llama3-8b, llama2-70b")
+    bench.add_argument("--group-size", type=int, default=128, help="4-bit group size of the synthetic model")
     bench.add_argument("--json", action="store_true", help="last line of stdout is one JSON object")
     bench.set_defaults(run=run_bench)
     return parser

@@ -9,7 +9,7 @@ import torch
 
 from .generator import Generator
 from .loader import LoadedModel
-from .sampling import SamplingSettings
+from .sampling import SamplingSettings, sample
 
 
 def _sync(device: torch.device) -> None:
@@ -17,8 +17,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(loaded: LoadedModel, prompt_len: int = 128, new_tokens: int = 128, runs: int = 5) -> dict:
-    """Median tokens/s over `runs` runs after one warm-up; every run starts from an empty cache."""
+def measure(loaded: LoadedModel, prompt_len: int = 128, new_tokens: int = 128, runs: int = 5,
+            adapters: dict[str, float] | None = None) -> dict:
+    """Median tokens/s over `runs` runs after one warm-up, with these LoRA adapters applied; every run starts
+    from an empty cache."""
     generator = Generator(loaded)
     rng = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, loaded.config.vocab_size, (prompt_len,), generator=rng).tolist()
@@ -28,10 +30,10 @@ def measure(loaded: LoadedModel, prompt_len: int = 128, new_tokens: int = 128, r
         generator.cached = []
         _sync(loaded.device)
         started = time.perf_counter()
-        generator.prefill(prompt)
+        generator.prefill(prompt, adapters)
         _sync(loaded.device)
         prompt_seconds = time.perf_counter() - started
-        stream = generator.generate(prompt, greedy, max_new_tokens=new_tokens, stop_on_eos=False)
+        stream = generator.generate(prompt, greedy, max_new_tokens=new_tokens, stop_on_eos=False, adapters=adapters)
         for _ in stream:
             pass
         _sync(loaded.device)
@@ -48,3 +50,100 @@ def measure(loaded: LoadedModel, prompt_len: int = 128, new_tokens: int = 128, r
         "decode_tok_s": round(statistics.median(decode_rates), 2),
         "decode_runs": [round(r, 2) for r in decode_rates],
     }
+
+
+def copy_bandwidth(device: torch.device, size: int = 1 << 30, runs: int = 10) -> float:
+    """GB/s of a large device-to-device copy, counting the bytes read and the bytes written."""
+    source = torch.empty(size, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * size / statistics.median(times) / 1e9
+
+
+def weight_bytes_per_token(loaded: LoadedModel) -> int:
+    """Bytes a decode step must read: every weight once, except the embedding, of which it reads one row."""
+    model = loaded.model
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [t for m in model.modules() if getattr(m, "kernel", None) for t in (m.kernel.weights, m.kernel.scales)]
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    embedding = model.embed_tokens
+    return total - (embedding.shape[0] - 1) * embedding[0].numel() * embedding.element_size()
+
+
+def decode_rate(generator: Generator, context: int, new_tokens: int, runs: int) -> float:
+    """Median tokens/s of greedy decoding after a random context of `context` tokens (no detokenizing)."""
+    loaded = generator.loaded
+    rng = torch.Generator().manual_seed(context)
+    prompt = torch.randint(0, loaded.config.vocab_size, (context,), generator=rng).tolist()
+    greedy = SamplingSettings(temperature=0)
+    rates = []
+    for run in range(runs + 1):
+        generator.cached = []
+        logits, _ = generator.prefill(prompt)
+        history = list(prompt)
+        _sync(loaded.device)
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            token = sample(logits, history, greedy, None)
+            history.append(token)
+            logits = generator._forward([token], len(history) - 1)
+        _sync(loaded.device)
+        if run:
+            rates.append(new_tokens / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def prompt_rate(generator: Generator, length: int, runs: int) -> float:
+    loaded = generator.loaded
+    prompt = torch.randint(0, loaded.config.vocab_size, (length,), generator=torch.Generator().manual_seed(1)).tolist()
+    rates = []
+    for run in range(runs + 1):
+        generator.cached = []
+        _sync(loaded.device)
+        started = time.perf_counter()
+        generator.prefill(prompt)
+        _sync(loaded.device)
+        if run:
+            rates.append(length / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+CONTEXTS = (128, 2048, 8192)
+PROMPT_LEN = 2048
+
+
+def measure_synthetic(name: str, group_size: int = 128, new_tokens: int = 64, runs: int = 3) -> dict:
+    """The issue-5 figures for one synthetic shape: 4-bit and fp16 models measured in the same run."""
+    from .synthetic import synthetic_model
+
+    device = torch.device("cuda")
+    result = {"model": name, "gpu": torch.cuda.get_device_name(device), "group_size": group_size,
+              "copy_gbs": round(copy_bandwidth(device), 1)}
+    for label, bits in (("q4", 4), ("fp16", None)):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        loaded = synthetic_model(name, device, bits=bits, group_size=group_size, max_seq_len=max(CONTEXTS))
+        generator = Generator(loaded)
+        figures = {
+            "bytes_per_token": weight_bytes_per_token(loaded),
+            "decode_tok_s": {str(c): round(decode_rate(generator, c - new_tokens, new_tokens, runs), 1)
+                             for c in CONTEXTS},
+            "prompt_tok_s": round(prompt_rate(generator, PROMPT_LEN, runs), 1),
+            "vram_gb": round(torch.cuda.max_memory_allocated(device) / 1e9, 2),
+        }
+        figures["roofline_pct"] = round(
+            figures["decode_tok_s"]["128"] * figures["bytes_per_token"] / (result["copy_gbs"] * 1e9) * 100, 1)
+        if bits == 4:
+            result.update(figures)
+        else:
+            result["fp16"] = figures
+        del generator, loaded
+    return result

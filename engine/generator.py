@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .graphs import GraphedDecoder
 from .loader import LoadedModel
 from .sampling import SamplingSettings, sample
 from .tokenizer import IncrementalDecoder
@@ -79,26 +80,35 @@ class Generation:
 
 
 class Generator:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, use_graphs: bool = True):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.max_seq_len = loaded.max_seq_len
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds, in order
+        self.cached_adapters: dict[str, float] = {}  # the adapter mix those keys and values were computed with
+        graphed = use_graphs and loaded.device.type == "cuda"
+        self.graphs = GraphedDecoder(self.model, self.max_seq_len, loaded.device) if graphed else None
 
     @torch.inference_mode()
     def _forward(self, ids: list[int], start: int) -> torch.Tensor:
-        tokens = torch.tensor([ids], device=self.loaded.device)
-        logits = self.model(tokens, start)
+        if self.graphs is not None and len(ids) == 1:
+            logits = self.graphs.step(ids[0], start)
+        else:
+            logits = self.model(torch.tensor([ids], device=self.loaded.device), start)[0, -1]
         self.cached = self.cached[:start] + list(ids)
-        return logits[0, -1]
+        return logits
 
-    def prefill(self, prompt_ids: list[int]) -> tuple[torch.Tensor, int]:
-        """Logits after the prompt, and how many of its tokens were already in the cache."""
+    def prefill(self, prompt_ids: list[int], adapters: dict[str, float] | None = None) -> tuple[torch.Tensor, int]:
+        """Logits after the prompt with these LoRA adapters applied (name -> weight), and how many of its
+        tokens were already in the cache."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) > self.max_seq_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_seq_len}")
+        adapters = self.loaded.adapters.activate(adapters)
+        if adapters != self.cached_adapters:  # keys and values depend on the adapters: none of the cache fits
+            self.cached, self.cached_adapters = [], adapters
         reused = 0
         limit = min(len(self.cached), len(prompt_ids) - 1)  # the last token always runs: we need its logits
         while reused < limit and self.cached[reused] == prompt_ids[reused]:
@@ -109,17 +119,19 @@ class Generator:
         return logits, reused
 
     def generate(self, prompt_ids: list[int], settings: SamplingSettings, max_new_tokens: int = 200,
-                 stop_strings=(), stop_on_eos: bool = True, cancel: threading.Event | None = None) -> Generation:
-        return Generation(self._run(list(prompt_ids), settings, max_new_tokens, stop_strings, stop_on_eos, cancel))
+                 stop_strings=(), stop_on_eos: bool = True, cancel: threading.Event | None = None,
+                 adapters: dict[str, float] | None = None) -> Generation:
+        return Generation(self._run(list(prompt_ids), settings, max_new_tokens, stop_strings, stop_on_eos, cancel,
+                                    adapters))
 
-    def _run(self, prompt_ids, settings, max_new_tokens, stop_strings, stop_on_eos, cancel):
+    def _run(self, prompt_ids, settings, max_new_tokens, stop_strings, stop_on_eos, cancel, adapters):
         result = GenerationResult(prompt_tokens=len(prompt_ids))
-        rng = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
+        rng = self._rng(settings)
         decoder = IncrementalDecoder(self.tokenizer)
         stops = StopStringFilter(stop_strings)
         eos = set(self.tokenizer.eos_ids) if stop_on_eos else set()
         started = time.perf_counter()
-        logits, result.reused_tokens = self.prefill(prompt_ids)
+        logits, result.reused_tokens = self.prefill(prompt_ids, adapters)
         result.prompt_seconds = time.perf_counter() - started
         started = time.perf_counter()
         history = list(prompt_ids)
@@ -155,15 +167,22 @@ class Generator:
         result.decode_seconds = time.perf_counter() - started
         return result
 
-    def choose(self, prompt_ids: list[int], options: list[str], settings: SamplingSettings) -> int:
+    def _rng(self, settings: SamplingSettings) -> torch.Generator | None:
+        """A seeded generator on the model's device, so sampling never copies the logits to the host."""
+        if settings.seed is None:
+            return None
+        return torch.Generator(device=self.loaded.device).manual_seed(settings.seed)
+
+    def choose(self, prompt_ids: list[int], options: list[str], settings: SamplingSettings,
+               adapters: dict[str, float] | None = None) -> int:
         """Let the model continue the prompt with exactly one of `options`; return that option's index.
 
         Sampling is constrained to tokens that keep the continuation on the path of some option, so the
         model's own preferences pick among them (the multibot speaker choice).
         """
         encoded = [self.tokenizer.encode(option) for option in options]
-        rng = torch.Generator().manual_seed(settings.seed) if settings.seed is not None else None
-        logits, _ = self.prefill(prompt_ids)
+        rng = self._rng(settings)
+        logits, _ = self.prefill(prompt_ids, adapters)
         chosen: list[int] = []
         history = list(prompt_ids)
         while True:

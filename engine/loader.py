@@ -5,13 +5,15 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import ModelConfig
 from .errors import ModelError
 from .formats import Checkpoint
+from .lora import LoraSet
 from .model import Transformer
 from .quant import Q4Linear
 from .tokenizer import Tokenizer, load_from_folder
@@ -30,6 +32,10 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     max_seq_len: int
+    adapters: LoraSet = field(init=False)  # LoRA adapters loaded into `model`, and the mix applied now
+
+    def __post_init__(self):
+        self.adapters = LoraSet(self.model, self.dtype)
 
 
 def default_model_path() -> str:
@@ -77,8 +83,12 @@ def default_device() -> torch.device:
 
 
 def load_model(path: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None = None,
-               quantize: int | None = None, max_seq_len: int | None = None) -> LoadedModel:
-    """Load a model for inference. On CPU weights run as float32; on CUDA as float16 unless told otherwise."""
+               quantize: int | None = None, max_seq_len: int | None = None,
+               lora: Sequence[tuple[str, str]] = ()) -> LoadedModel:
+    """Load a model for inference. On CPU weights run as float32; on CUDA as float16 unless told otherwise.
+
+    `lora` names PEFT LoRA adapter folders to load as (name, folder); requests choose which to apply.
+    """
     if quantize not in (None, 4):
         raise ModelError(f"--quantize {quantize} is not supported; only 4-bit quantization is")
     device = torch.device(device) if device is not None else default_device()
@@ -87,13 +97,17 @@ def load_model(path: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None
     checkpoint = read_checkpoint(resolved)
     weights = {name: _place(name, w, device, dtype, quantize) for name, w in checkpoint.weights.items()}
     model = Transformer(checkpoint.config, weights).eval()
+    prepare_linears(model, device, dtype)
     tokenizer = checkpoint.tokenizer or load_from_folder(
         checkpoint.tokenizer_source, checkpoint.tokenizer_settings, checkpoint.config.bos_token_id,
         list(checkpoint.config.eos_token_ids))
     seq_len = min(max_seq_len or checkpoint.config.max_position_embeddings, checkpoint.config.max_position_embeddings)
     model.setup_cache(seq_len, dtype)
     name = os.path.basename(resolved.rstrip("/"))
-    return LoadedModel(name, resolved, checkpoint.config, model, tokenizer, device, dtype, seq_len)
+    loaded = LoadedModel(name, resolved, checkpoint.config, model, tokenizer, device, dtype, seq_len)
+    for adapter_name, folder in lora:
+        loaded.adapters.load(adapter_name, folder)
+    return loaded
 
 
 LINEAR_SUFFIXES = ("_proj.weight", "lm_head.weight")
@@ -107,7 +121,25 @@ def _place(name: str, weight, device, dtype, quantize):
         weight = weight.to(device)
         weight.scale = weight.scale.to(dtype)
         weight.offset = weight.offset.to(dtype)
-        if device.type == "cpu":
-            weight.materialize(dtype)  # CPU matmuls are far faster on a dense copy than dequantizing each call
         return weight
     return weight.to(device=device, dtype=dtype)
+
+
+def prepare_linears(model: Transformer, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every 4-bit layer its fast path: a dense copy on the CPU, the CUDA kernels' layout on a GPU."""
+    layers = [m for m in model.modules() if isinstance(m, Q4Linear)]
+    if device.type == "cpu":
+        for layer in layers:
+            layer.materialize(dtype)  # CPU matmuls are far faster on a dense copy than dequantizing each call
+        return
+    from . import cuda
+
+    if not layers or not cuda.available():
+        if layers:
+            cuda.warn_fallback()
+        return
+    from .cuda.q4 import prepare, unsupported_reason
+
+    for layer in layers:
+        if unsupported_reason(layer) is None:
+            layer.use_kernel(prepare(layer))

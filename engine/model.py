@@ -87,22 +87,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def grouped_attention(q, keys, values, bias: torch.Tensor) -> torch.Tensor:
-    """Attention where each KV head serves a group of query heads, without repeating the cache.
-
-    q [batch, heads, length, head_dim]; keys and values [batch, kv_heads, cache_len, head_dim];
-    bias [length, cache_len] is 0 where a query may see a key and -inf where it may not.
-    """
-    batch, heads, length, head_dim = q.shape
-    kv_heads = keys.shape[1]
-    group = heads // kv_heads
-    # Query head h uses KV head h // group, so a view puts each group's queries next to its keys.
-    grouped = q.reshape(batch, kv_heads, group * length, head_dim)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * head_dim**-0.5
-    weights = torch.softmax(scores + bias.repeat(group, 1), dim=-1).to(values.dtype)
-    return torch.matmul(weights, values).view(batch, heads, length, head_dim)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, weights: dict, prefix: str):
         super().__init__()
@@ -121,8 +105,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = self.cache.write(k, v, positions, bias.shape[-1])
-        out = grouped_attention(q, keys, values, bias)
+        out = self.cache.attend(q, k, v, positions, bias)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 

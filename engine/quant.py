@@ -66,6 +66,8 @@ class Q4Linear(torch.nn.Module):
         self.register_buffer("perm", None if perm is None else perm.to(torch.int64).contiguous())
         # A dequantized copy, kept when the caller trades memory for speed (the CPU path does).
         self.dense: torch.Tensor | None = None
+        # The CUDA kernels' own copy of the weights (engine.cuda.q4.PreparedQ4), when they can run this layer.
+        self.kernel = None
 
     @classmethod
     def from_values(cls, q, scale, offset, group_size, perm=None) -> "Q4Linear":
@@ -98,7 +100,15 @@ class Q4Linear(torch.nn.Module):
         """Keep a dequantized copy in `dtype` so each call is one plain matmul."""
         self.dense = self.dequantize(torch.float32).to(dtype).contiguous()
 
+    def use_kernel(self, kernel) -> None:
+        """Hand the weights to the CUDA kernel, which applies `perm` itself; the packed form is dropped to
+        save memory, so this layer can no longer dequantize in PyTorch."""
+        self.kernel = kernel
+        self.packed = self.scale = self.offset = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x)
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
         weight = self.dense if self.dense is not None else self.dequantize(x.dtype)

@@ -38,14 +38,18 @@ class SamplingSettings:
 
 
 def repetition_weights(history: list[int], settings: SamplingSettings) -> dict[int, float]:
-    """The penalty each recent token gets: its most recent occurrence decides."""
+    """The penalty each recent token gets: its most recent occurrence decides.
+
+    ExLlama's schedule: the full penalty on the last `sustain` tokens and the one before them, then for
+    each earlier token 1/decay of the way less towards none, over `decay` tokens in all.
+    """
     weights: dict[int, float] = {}
     top = settings.repetition_penalty
     window = settings.repetition_sustain + settings.repetition_decay
     for distance, token in enumerate(reversed(history[-window:] if window > 0 else [])):
         if token in weights:
             continue
-        faded = distance - settings.repetition_sustain + 1
+        faded = distance - settings.repetition_sustain
         weights[token] = top if faded <= 0 else top + (1.0 - top) * faded / max(settings.repetition_decay, 1)
     return weights
 
@@ -111,4 +115,4 @@ def sample(logits: torch.Tensor, history: list[int], settings: SamplingSettings,
     if settings.temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(truncate(logits, settings), dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=rng))
+    return int(torch.multinomial(probs, 1, generator=rng))

@@ -130,7 +130,8 @@ class SentencePieceBackend:
 
         self.processor = sentencepiece.SentencePieceProcessor(model_file=path)
         self.vocab_size = self.processor.get_piece_size()
-        self.special = {t: self.processor.piece_to_id(t) for t in special_tokens if t}
+        ids = {t: self.token_id(t) for t in special_tokens if t}
+        self.special = {t: i for t, i in ids.items() if i is not None}
 
     def encode(self, text: str, special: bool) -> list[int]:
         if not special or not self.special:
@@ -152,7 +153,9 @@ class SentencePieceBackend:
         return self.processor.decode(ids)
 
     def token_id(self, token: str) -> int | None:
-        return self.processor.piece_to_id(token)
+        # sentencepiece answers <unk>'s id for a piece it lacks; callers need to know it is missing.
+        token_id = self.processor.piece_to_id(token)
+        return token_id if self.processor.id_to_piece(token_id) == token else None
 
 
 def _token_text(value) -> str:

@@ -1,12 +1,14 @@
 """4-bit linear layers on the GPU: repack a Q4Linear once at load time, then multiply.
 
-Layout (q4_kernels.cu reads it; the two change together). Outputs are padded to a multiple of 16
+Layout (q4_kernels.cu reads it; the two change together). Outputs are padded to a multiple of 32
 and inputs to a multiple of 64; padding weights are 0 and padding activations are 0.
 
-    weights  int32 [out/16, in/64, 32, 4]   tile (n, k) = outputs 16n..16n+15, inputs 64k..64k+63
-    scales   fp16  [out/16, groups', 8, 4]  (scale, offset) of outputs 16n+g and 16n+g+8, group i
+    weights  int32 [out/32, in/64, 2, 32, 4]  slice s, input tile k, tile h: outputs 32s + 16h ..
+                                               32s + 16h + 15, inputs 64k .. 64k + 63
+    scales   fp16  [out/32, groups', 8, 8]    group i, lane group g: (scale, offset) of outputs
+                                               32s + g, 32s + g + 8, 32s + 16 + g, 32s + 24 + g
 
-In tile (n, k), lane l = 4g + t owns outputs o0 = 16n + g, o1 = o0 + 8 and the 16 inputs
+In a tile, lane l = 4g + t owns outputs o0 = g, o1 = g + 8 (of the tile) and the 16 inputs
 b = 64k + 16t .. b + 15, so all of a lane's weights of one output share one group (group sizes are
 multiples of 16). Word j holds inputs b + 4j .. b + 4j + 3; its nibble i (bits 4i..4i+3) is
 output o0 for even i, o1 for odd i, and input b + 4j + [0, 0, 2, 2, 1, 1, 3, 3][i]: the order in
@@ -25,10 +27,9 @@ import torch.nn.functional as F
 from ..quant import Q4Linear, unpack_rows
 from .build import extension
 
-TILE_N = 16
+SLICE_N = 32  # outputs per kernel step: two tiles of 16
 TILE_K = 64
 MAX_KERNEL_ROWS = 16  # more rows: dequantize once and let cuBLAS multiply
-DEFAULT_WARPS = 8
 
 
 def _ceil_to(value: int, multiple: int) -> int:
@@ -51,15 +52,15 @@ def unsupported_reason(layer: Q4Linear) -> str | None:
 def repack(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int):
     """Q4Linear buffers -> (weights, scales) in the kernel layout above, on the same device."""
     in_features, out_features = packed.shape[0] * 8, packed.shape[1]
-    k_pad, n_pad = _ceil_to(in_features, TILE_K), _ceil_to(out_features, TILE_N)
-    k_tiles, n_tiles = k_pad // TILE_K, n_pad // TILE_N
+    k_pad, n_pad = _ceil_to(in_features, TILE_K), _ceil_to(out_features, SLICE_N)
+    k_tiles, slices = k_pad // TILE_K, n_pad // SLICE_N
 
     q = F.pad(unpack_rows(packed), (0, n_pad - out_features, 0, k_pad - in_features))
-    # Input k = 64*kt + 16*t + 4*j + 2*b1 + b2 and output o = 16*n + 8*h + g; nibble i = 4*b2 + 2*b1 + h.
-    q = q.view(k_tiles, 4, 4, 2, 2, n_tiles, 2, 8)  # kt, t, j, b1, b2, n, h, g
-    q = q.permute(5, 0, 7, 1, 2, 4, 3, 6)  # n, kt, g, t, j, b2, b1, h
-    q = q.reshape(n_tiles, k_tiles, 32, 4, 8).to(torch.int32)
-    weights = torch.zeros(n_tiles, k_tiles, 32, 4, dtype=torch.int32, device=packed.device)
+    # Input k = 64 kt + 16 t + 4 j + 2 b1 + b2; output o = 32 s + 16 h + 8 r + g; nibble i = 4 b2 + 2 b1 + r.
+    q = q.view(k_tiles, 4, 4, 2, 2, slices, 2, 2, 8)  # kt, t, j, b1, b2, s, h, r, g
+    q = q.permute(5, 0, 6, 8, 1, 2, 4, 3, 7)  # s, kt, h, g, t, j, b2, b1, r
+    q = q.reshape(slices, k_tiles, 2, 32, 4, 8).to(torch.int32)
+    weights = torch.zeros(slices, k_tiles, 2, 32, 4, dtype=torch.int32, device=packed.device)
     for i in range(8):
         # Nibble 7 shifts into the sign bit; int32 shifts wrap, which is the bit pattern wanted.
         weights |= q[..., i] << (4 * i)
@@ -68,8 +69,8 @@ def repack(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, grou
     pairs = torch.zeros(groups_pad, n_pad, 2, dtype=torch.float16, device=packed.device)
     pairs[: scale.shape[0], :out_features, 0] = scale
     pairs[: offset.shape[0], :out_features, 1] = offset
-    # [group, n, h, g, (scale, offset)] -> [n, group, g, (h, scale/offset)]
-    scales = pairs.view(groups_pad, n_tiles, 2, 8, 2).permute(1, 0, 3, 2, 4).reshape(n_tiles, groups_pad, 8, 4)
+    # [group, s, h, r, g, (scale, offset)] -> [s, group, g, (h, r, scale/offset)]
+    scales = pairs.view(groups_pad, slices, 2, 2, 8, 2).permute(1, 0, 4, 2, 3, 5).reshape(slices, groups_pad, 8, 8)
     return weights.contiguous(), scales.contiguous()
 
 
@@ -84,12 +85,13 @@ class PreparedQ4:
     in_features: int
     out_features: int
 
-    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None, *, warps: int = DEFAULT_WARPS,
-               mode: int = 0) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None, *, mode: int = 0,
+               overlap: bool = True) -> torch.Tensor:
         """y = x[..., perm] @ W^T for x [..., in_features] float16; written into `out` if given.
 
-        `warps` (4 or 8 per block) and `mode` (0 choose, 1 read x from global memory, 2 stage x in
-        shared memory) are tuning knobs for the benchmark; the defaults are the measured best.
+        For tests and the benchmark: `mode` picks how the kernel reads x (0 chooses: shared memory
+        when it fits; 1 global memory; 2 shared memory), and `overlap=False` turns off starting
+        the kernel while the previous one in the stream finishes (programmatic dependent launch).
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected {self.in_features} input features, got {x.shape[-1]}")
@@ -106,7 +108,7 @@ class PreparedQ4:
             return y.view(*lead, self.out_features)
         ext = extension()
         if rows <= MAX_KERNEL_ROWS:
-            ext.matmul(x2, self.weights, self.scales, self.perm, self.group_magic, self.out_features, y, warps, mode)
+            ext.matmul(x2, self.weights, self.scales, self.perm, self.group_magic, self.out_features, y, mode, overlap)
         else:
             w = ext.dequantize(self.weights, self.scales, self.group_magic, self.in_features, self.out_features)
             if self.perm is not None:
@@ -119,11 +121,16 @@ class PreparedQ4:
 
 def prepare(layer: Q4Linear) -> PreparedQ4:
     """Repack `layer` (already on its CUDA device) for the kernels; scales become float16."""
+    if not layer.packed.is_cuda:
+        raise ValueError("prepare needs the layer on a CUDA device")
     problem = unsupported_reason(layer)
     if problem:
         raise ValueError(f"the 4-bit CUDA kernels cannot run this layer: {problem}")
     weights, scales = repack(layer.packed, layer.scale.to(torch.float16), layer.offset.to(torch.float16),
                              layer.group_size)
+    # The kernel starts loading weights before the previous kernel in its stream has finished
+    # (programmatic dependent launch), so they must be complete before any launch that reads them.
+    torch.cuda.synchronize(weights.device)
     return PreparedQ4(
         weights=weights,
         scales=scales,

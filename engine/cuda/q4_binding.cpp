@@ -10,32 +10,32 @@
 
 namespace {
 
-constexpr int kTileN = 16;
+constexpr int kSliceN = 32;
 constexpr int kTileK = 64;
 constexpr int kMaxRows = 16;
-// Staging x in shared memory above this would leave room for fewer than two blocks per
-// multiprocessor; larger inputs are gathered through perm by a separate pass instead.
-constexpr int64_t kMaxStagedBytes = 96 * 1024;
 
 void check_prepared(const torch::Tensor& weights, const torch::Tensor& scales, int64_t in_features,
                     int64_t out_features) {
   TORCH_CHECK(weights.is_cuda() && weights.scalar_type() == torch::kInt32 && weights.is_contiguous() &&
-                  weights.dim() == 4 && weights.size(2) == 32 && weights.size(3) == 4,
-              "q4: weights must be contiguous int32 CUDA [n_tiles, k_tiles, 32, 4]");
+                  weights.dim() == 5 && weights.size(2) == 2 && weights.size(3) == 32 && weights.size(4) == 4,
+              "q4: weights must be contiguous int32 CUDA [slices, k_tiles, 2, 32, 4]");
   TORCH_CHECK(scales.is_cuda() && scales.scalar_type() == torch::kFloat16 && scales.is_contiguous() &&
                   scales.dim() == 4 && scales.size(0) == weights.size(0) && scales.size(2) == 8 &&
-                  scales.size(3) == 4,
-              "q4: scales must be contiguous float16 CUDA [n_tiles, groups, 8, 4]");
-  TORCH_CHECK(weights.size(0) * kTileN >= out_features && weights.size(1) * kTileK >= in_features &&
-                  in_features % 8 == 0,
+                  scales.size(3) == 8,
+              "q4: scales must be contiguous float16 CUDA [slices, groups, 8, 8]");
+  TORCH_CHECK(weights.size(0) == (out_features + kSliceN - 1) / kSliceN &&
+                  weights.size(1) == (in_features + kTileK - 1) / kTileK && in_features % 8 == 0,
               "q4: layer shape does not match the prepared weights");
+  TORCH_CHECK(weights.numel() / 4 < (int64_t(1) << 32) && scales.numel() / 8 < (int64_t(1) << 32),
+              "q4: layer too large for 32-bit indexing");
   TORCH_CHECK(weights.get_device() == scales.get_device(), "q4: weights and scales on different devices");
 }
 
-// y[rows, out] = x[rows, in][:, perm] @ W^T for 1..16 rows. `warps` (4 or 8) and `mode`
-// (0 choose, 1 read x from global memory, 2 stage x in shared memory) exist for the benchmark.
+// y[rows, out] = x[rows, in][:, perm] @ W^T for 1..16 rows. `mode` (0 choose, 1 read x from
+// global memory, 2 stage x in shared memory) and `overlap` (see q4_kernels.h) exist for tests
+// and the benchmark.
 torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scales, std::optional<torch::Tensor> perm,
-                     int64_t group_magic, int64_t out_features, torch::Tensor y, int64_t warps, int64_t mode) {
+                     int64_t group_magic, int64_t out_features, torch::Tensor y, int64_t mode, bool overlap) {
   const int64_t in_features = x.size(-1);
   check_prepared(weights, scales, in_features, out_features);
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kFloat16 && x.dim() == 2,
@@ -46,7 +46,7 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scale
   TORCH_CHECK(y.is_cuda() && y.scalar_type() == torch::kFloat16 && y.is_contiguous() && y.dim() == 2 &&
                   y.size(0) == rows && y.size(1) == out_features && y.get_device() == x.get_device(),
               "q4: y must be a contiguous float16 CUDA tensor [rows, out_features]");
-  TORCH_CHECK(warps == 4 || warps == 8, "q4: warps must be 4 or 8");
+  TORCH_CHECK(mode >= 0 && mode <= 2, "q4: mode must be 0, 1 or 2");
   if (perm) {
     TORCH_CHECK(perm->is_cuda() && perm->scalar_type() == torch::kInt32 && perm->is_contiguous() &&
                     perm->numel() == in_features,
@@ -56,8 +56,10 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scale
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t k_tiles = weights.size(1);
   const int64_t x_stride = k_tiles * kTileK + 8;  // +8 halves: rows land on different banks
-  const bool fits = rows * x_stride * 2 <= kMaxStagedBytes;
-  bool staged = mode == 2 || (mode == 0 && perm.has_value() && fits);
+  // x goes to shared memory when it fits (measured faster, and perm is gathered on the way); a
+  // larger x is read from global memory, after a separate gather pass if the layer has a perm.
+  const bool fits = rows * x_stride * 2 <= int64_t(q4::max_staged_bytes(int(rows)));
+  const bool staged = mode == 2 || (mode == 0 && fits);
   TORCH_CHECK(!staged || fits, "q4: x is too large to stage in shared memory");
   // The kernel reads x with 16-byte loads: copy a misaligned view, gather an unstaged perm.
   if (!staged && perm) x = x.index_select(1, *perm);
@@ -71,15 +73,15 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scale
   args.perm = staged && perm ? perm->data_ptr<int32_t>() : nullptr;
   args.x_stride = int(x_stride);
   args.weights = reinterpret_cast<const uint4*>(weights.data_ptr<int32_t>());
-  args.scales = reinterpret_cast<const uint2*>(scales.data_ptr<at::Half>());
+  args.scales = reinterpret_cast<const uint4*>(scales.data_ptr<at::Half>());
   args.k_tiles = int(k_tiles);
   args.groups_pad = int(scales.size(1));
   args.group_magic = uint32_t(group_magic);
   args.y = reinterpret_cast<half*>(y.data_ptr<at::Half>());
   args.out_features = int(out_features);
-  const cudaError_t err = q4::matmul(args, int(weights.size(0)), int(warps), staged,
-                                     c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "q4 matmul launch failed: ", cudaGetErrorString(err));
+  const cudaError_t err = q4::matmul(args, staged, overlap, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "q4 matmul launch failed (", rows, " rows, x ",
+              staged ? "in shared memory" : "from global memory", "): ", cudaGetErrorString(err));
   return y;
 }
 
@@ -91,8 +93,8 @@ torch::Tensor dequantize(torch::Tensor weights, torch::Tensor scales, int64_t gr
   auto w = torch::empty({out_features, in_features}, scales.options());
   q4::DequantArgs args{};
   args.weights = reinterpret_cast<const uint4*>(weights.data_ptr<int32_t>());
-  args.scales = reinterpret_cast<const uint2*>(scales.data_ptr<at::Half>());
-  args.n_tiles = int(weights.size(0));
+  args.scales = reinterpret_cast<const uint4*>(scales.data_ptr<at::Half>());
+  args.slices = int(weights.size(0));
   args.k_tiles = int(weights.size(1));
   args.groups_pad = int(scales.size(1));
   args.group_magic = uint32_t(group_magic);
@@ -109,4 +111,5 @@ torch::Tensor dequantize(torch::Tensor weights, torch::Tensor scales, int64_t gr
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, "4-bit matrix product for 1..16 rows (writes and returns y)");
   m.def("dequantize", &dequantize, "dense float16 [out, in] weight from the prepared layout");
+  m.def("max_staged_bytes", &q4::max_staged_bytes, "bytes of x the kernel can stage for this many rows");
 }

@@ -2,18 +2,27 @@
 // many-row path. The weight layout is the one engine/cuda/q4.py `repack` writes; its docstring is
 // the contract and the two files change together.
 //
-// One block computes 16 outputs for every activation row. Each warp streams a share of the input
-// dimension in tiles of 16 outputs x 64 inputs: one 16-byte load per lane, 512 contiguous bytes per
-// warp. A lane's four 32-bit words are the A fragments of four m16n8k16 mma instructions in which
-// the weights are the 16 x 16 "A" matrix and the activations the 16 x 8 "B" matrix (8 rows per
-// mma), so batch 1 wastes only mma issue slots, which are plentiful, and batch 16 costs two mmas
-// per word instead of sixteen FMAs per weight. The input order inside a tile is chosen so that a
-// lane's 16 weights of one output row are 16 consecutive inputs: they share one group, and the
-// lane's activations are 32 contiguous bytes.
+// Weights are the 16 x 16 "A" operand of m16n8k16 mma instructions and the activations the
+// 16 x 8 "B" operand (8 rows per mma), so batch 1 wastes only tensor-core slots, which are
+// plentiful, and batch 16 costs two mmas where CUDA cores would need sixteen FMAs per weight.
+// A tile is 16 outputs x 64 inputs: one 16-byte word group per lane, four mma K steps. The input
+// order inside a tile gives each lane 16 consecutive inputs of its outputs (one group) and 32
+// contiguous bytes of activations.
+//
+// At batch 1 the H200 must retire ~32 weights per clock per multiprocessor to keep up with
+// memory, so instruction count and dependency chains per weight are what limit:
+//  - Each warp step handles two tiles (32 outputs) of the same inputs, sharing activation loads
+//    and bookkeeping, and alternates two accumulator sets so that mma chains stay short.
+//  - Weights stream through a per-warp ring of shared-memory stages filled by cp.async, several
+//    steps ahead; loads into registers cannot do that, since a warp has 6 scoreboards and
+//    waiting for one step's registers also waits for every load issued after it.
+//  - The grid is persistent: each block walks several 32-output slices, so its ring keeps memory
+//    busy across slices, and x is staged once per block.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -22,8 +31,17 @@
 namespace q4 {
 namespace {
 
-constexpr int kTileN = 16;  // outputs per block (the mma M dimension)
-constexpr int kTileK = 64;  // inputs per tile (four mma K steps of 16)
+constexpr int kWarps = 8;               // per block, two blocks per multiprocessor; warps split the inputs
+constexpr int kTileK = 64;              // inputs per tile
+constexpr int kTilesPerStep = 2;        // 16-output tiles per warp step
+constexpr int kSliceN = 16 * kTilesPerStep;  // outputs per block step
+// Ring stages per warp: kStages - 1 steps (3 KB of weights) in flight per warp, 48 KB per
+// multiprocessor (6 stages measured slower on an H200; bench/NOTES.md).
+constexpr int kStages = 4;
+constexpr size_t kRingBytes = size_t(kWarps) * kStages * 32 * (kTilesPerStep + 1) * sizeof(uint4);
+// Shared memory per block such that two fit on a multiprocessor (228 KB, 1 KB reserved each),
+// less a little for the kernel's own variables.
+constexpr size_t kBlockSharedBudget = 112 * 1024;
 
 __device__ __forceinline__ __half2 as_half2(uint32_t bits) {
   __half2 h;
@@ -37,15 +55,6 @@ __device__ __forceinline__ uint32_t as_u32(__half2 h) {
   return bits;
 }
 
-// Weights are read exactly once: keep them out of L1 so x and the scales stay there.
-__device__ __forceinline__ uint4 load_once(const uint4* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
 // (a & b) | c in one instruction; written out because the compiler splits it in two when b and
 // c are both constants (an instruction takes one immediate).
 __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
@@ -57,23 +66,29 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
 // Nibbles 0..7 of `word` hold, for this lane's output rows r0 = g and r1 = g + 8 and inputs
 // k..k+3 of one mma step: n0 = (r0,k) n1 = (r1,k) n2 = (r0,k+2) n3 = (r1,k+2)
 //                         n4 = (r0,k+1) n5 = (r1,k+1) n6 = (r0,k+3) n7 = (r1,k+3),
-// so that or-ing each nibble pair into the mantissa of 1024.0 yields the four half2 A registers
-// directly; the weight is then scale * q + offset with q exact in fp16.
-__device__ __forceinline__ void dequant_word(uint32_t word, __half2 scale0, __half2 offset0,
-                                             __half2 scale1, __half2 offset1, uint32_t a[4]) {
-  const __half2 k1024 = as_half2(0x64006400u);        // 1024.0: the exponent of q | 0x6400
-  const __half2 kSixteenth = as_half2(0x2C002C00u);   // 1/16: undoes a nibble 4 bits up
-  const __half2 kMinus64 = as_half2(0xD400D400u);     // -64 = -1024 / 16
-  const uint32_t low_mask = 0x000F000Fu, high_mask = 0x00F000F0u, magic = 0x64006400u;
+// so that or-ing nibble pairs into the mantissa of 1024.0 gives the four half2 A registers:
+// rows r0 hold 1024 + q, rows r1 hold 1024 + 16 q (their nibbles sit 4 bits higher).
+__device__ __forceinline__ void biased_word(uint32_t word, uint32_t a[4]) {
+  const uint32_t low_mask = 0x000F000Fu, high_mask = 0x00F000F0u, k1024 = 0x64006400u;
   const uint32_t high = word >> 8;
-  const __half2 q0 = __hsub2(as_half2(and_or(word, low_mask, magic)), k1024);
-  const __half2 q1 = __hfma2(as_half2(and_or(word, high_mask, magic)), kSixteenth, kMinus64);
-  const __half2 q2 = __hsub2(as_half2(and_or(high, low_mask, magic)), k1024);
-  const __half2 q3 = __hfma2(as_half2(and_or(high, high_mask, magic)), kSixteenth, kMinus64);
-  a[0] = as_u32(__hfma2(q0, scale0, offset0));
-  a[1] = as_u32(__hfma2(q1, scale1, offset1));
-  a[2] = as_u32(__hfma2(q2, scale0, offset0));
-  a[3] = as_u32(__hfma2(q3, scale1, offset1));
+  a[0] = and_or(word, low_mask, k1024);
+  a[1] = and_or(word, high_mask, k1024);
+  a[2] = and_or(high, low_mask, k1024);
+  a[3] = and_or(high, high_mask, k1024);
+}
+
+// The same A registers as weights scale * q + offset in fp16, q recovered exactly first.
+__device__ __forceinline__ void dequant_word(uint32_t word, __half2 scale0, __half2 offset0, __half2 scale1,
+                                             __half2 offset1, uint32_t a[4]) {
+  const __half2 k1024 = as_half2(0x64006400u);
+  const __half2 kSixteenth = as_half2(0x2C002C00u);  // 1/16
+  const __half2 kMinus64 = as_half2(0xD400D400u);    // -1024 / 16
+  uint32_t biased[4];
+  biased_word(word, biased);
+  a[0] = as_u32(__hfma2(__hsub2(as_half2(biased[0]), k1024), scale0, offset0));
+  a[1] = as_u32(__hfma2(__hfma2(as_half2(biased[1]), kSixteenth, kMinus64), scale1, offset1));
+  a[2] = as_u32(__hfma2(__hsub2(as_half2(biased[2]), k1024), scale0, offset0));
+  a[3] = as_u32(__hfma2(__hfma2(as_half2(biased[3]), kSixteenth, kMinus64), scale1, offset1));
 }
 
 __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
@@ -83,192 +98,303 @@ __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint3
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// What one lane holds for one tile: its weight words, the scale and offset of its two output
-// rows for the tile's group, and 16 activations of each 8-row slice of x. Lanes past the last
-// row read the last row again: their mma columns are never stored, so no zero-filling is needed.
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Weights bypass L1 (read once); scales go through it (the four lanes of a quad share them).
+__device__ __forceinline__ void copy_weights_async(void* shared, const void* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(shared)), "l"(global));
+}
+
+__device__ __forceinline__ void copy_scales_async(void* shared, const void* global) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(shared_address(shared)), "l"(global));
+}
+
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// Wait until at most kPending of this thread's most recent commit groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void wait_copies() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// Programmatic dependent launch (sm_90): the next kernel in the stream may start while this one
+// finishes, and it must not read what the previous kernel wrote (x) before waiting for it.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_next_kernel() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// What a lane holds for one step: its words of both tiles, the (scale, offset) of its outputs g
+// and g + 8 in both tiles, and 16 activations of each 8-row slice of x. Lanes past the last row
+// read the last row again: their mma columns are never stored, so nothing needs zero-filling.
 template <int kRowTiles>
-struct Tile {
-  uint4 w;
-  uint2 scale_offset;
+struct Step {
+  uint4 w[kTilesPerStep];
+  uint4 scale_offset;  // tile 0: (s_g, o_g), (s_g+8, o_g+8); tile 1: the same
   uint4 x[kRowTiles][2];
 };
 
 __device__ __forceinline__ int lane_row(int r, int g, int rows) { return min(r * 8 + g, rows - 1); }
 
 template <int kRowTiles>
-__device__ __forceinline__ void load_x_global(Tile<kRowTiles>& tile, const MatmulArgs& a, uint32_t k0, int g) {
+__device__ __forceinline__ void load_x_global(uint4 (&x)[kRowTiles][2], const MatmulArgs& a, uint32_t k0, int g) {
+  const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
   for (int r = 0; r < kRowTiles; ++r) {
-    const uint4* src =
-        reinterpret_cast<const uint4*>(a.x + size_t(lane_row(r, g, a.rows)) * a.in_features + k0);
+    const uint4* src = reinterpret_cast<const uint4*>(a.x + size_t(lane_row(r, g, a.rows)) * a.in_features + k0);
     // in_features is a multiple of 8, so each 8-input half is wholly inside or wholly padding.
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-    tile.x[r][0] = k0 + 8 <= uint32_t(a.in_features) ? __ldg(src) : zero;
-    tile.x[r][1] = k0 + 16 <= uint32_t(a.in_features) ? __ldg(src + 1) : zero;
+    x[r][0] = k0 + 8 <= uint32_t(a.in_features) ? __ldg(src) : zero;
+    x[r][1] = k0 + 16 <= uint32_t(a.in_features) ? __ldg(src + 1) : zero;
   }
 }
 
 template <int kRowTiles>
-__device__ __forceinline__ void load_x_shared(Tile<kRowTiles>& tile, const half* xs, int x_stride, int rows,
+__device__ __forceinline__ void load_x_shared(uint4 (&x)[kRowTiles][2], const half* xs, int x_stride, int rows,
                                               uint32_t k0, int g) {
 #pragma unroll
   for (int r = 0; r < kRowTiles; ++r) {
     const uint4* src = reinterpret_cast<const uint4*>(xs + lane_row(r, g, rows) * x_stride + k0);
-    tile.x[r][0] = src[0];
-    tile.x[r][1] = src[1];
+    x[r][0] = src[0];
+    x[r][1] = src[1];
   }
 }
 
-template <int kRowTiles, bool kStaged>
-__device__ __forceinline__ void fetch(Tile<kRowTiles>& tile, const MatmulArgs& a, const uint4* w_lane,
-                                      const uint2* so_lane, int kt, int g, int t) {
-  const uint32_t k0 = uint32_t(kt) * kTileK + t * 16;
-  tile.w = load_once(w_lane + size_t(kt) * 32);
-  tile.scale_offset = __ldg(so_lane + __umulhi(k0, a.group_magic) * 8);
-  if (!kStaged) load_x_global(tile, a, k0, g);
+// Mma step j covers inputs k0 + 4j .. k0 + 4j + 3 of this lane: activations 4j .. 4j + 3 of 16.
+template <int kRowTiles>
+__device__ __forceinline__ void activations(const Step<kRowTiles>& s, int r, int j, uint32_t& b0, uint32_t& b1) {
+  const uint4& x = s.x[r][j / 2];
+  b0 = (j % 2) ? x.z : x.x;
+  b1 = (j % 2) ? x.w : x.y;
 }
 
+__device__ __forceinline__ uint32_t word(const uint4& w, int j) {
+  return j == 0 ? w.x : j == 1 ? w.y : j == 2 ? w.z : w.w;
+}
+
+// Accumulators: [tile][activation row tile][set][c0..c3]; mma steps alternate between two sets.
 template <int kRowTiles>
-__device__ __forceinline__ void mma_tile(const Tile<kRowTiles>& tile, float (&acc)[kRowTiles][4]) {
-  const __half2 so0 = as_half2(tile.scale_offset.x);
-  const __half2 so1 = as_half2(tile.scale_offset.y);
-  const __half2 scale0 = __low2half2(so0), offset0 = __high2half2(so0);
-  const __half2 scale1 = __low2half2(so1), offset1 = __high2half2(so1);
-  const uint32_t words[4] = {tile.w.x, tile.w.y, tile.w.z, tile.w.w};
+using Accumulators = float[kTilesPerStep][kRowTiles][2][4];
+
+template <int kRowTiles>
+__device__ __forceinline__ void mma_step(const Step<kRowTiles>& s, Accumulators<kRowTiles>& acc) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    uint32_t a[4];
-    dequant_word(words[j], scale0, offset0, scale1, offset1, a);
+  for (int tile = 0; tile < kTilesPerStep; ++tile) {
+    const __half2 so0 = as_half2(tile ? s.scale_offset.z : s.scale_offset.x);
+    const __half2 so1 = as_half2(tile ? s.scale_offset.w : s.scale_offset.y);
+    const __half2 scale0 = __low2half2(so0), offset0 = __high2half2(so0);
+    const __half2 scale1 = __low2half2(so1), offset1 = __high2half2(so1);
 #pragma unroll
-    for (int r = 0; r < kRowTiles; ++r) {
-      // Step j covers inputs k0 + 4j .. k0 + 4j + 3 of this lane: activations 4j..4j+3 of 16.
-      const uint4& x = tile.x[r][j / 2];
-      const uint32_t b0 = (j % 2) ? x.z : x.x;
-      const uint32_t b1 = (j % 2) ? x.w : x.y;
-      mma_16816(acc[r], a, b0, b1);
+    for (int j = 0; j < 4; ++j) {
+      uint32_t a[4];
+      dequant_word(word(s.w[tile], j), scale0, offset0, scale1, offset1, a);
+#pragma unroll
+      for (int r = 0; r < kRowTiles; ++r) {
+        uint32_t b0, b1;
+        activations(s, r, j, b0, b1);
+        mma_16816(acc[tile][r][j % 2], a, b0, b1);
+      }
     }
   }
 }
 
 // x (gathered through perm, if any) into shared memory, zero past in_features. Every load of a
 // thread's share is issued before its first store, so the block pays about one L2 round trip.
-template <int kThreads>
 __device__ __forceinline__ void stage_x(half* xs, const MatmulArgs& a) {
-  const int k_pad = a.k_tiles * kTileK;
-  const int chunks = k_pad / 8;  // 8 inputs (16 bytes) per chunk; in_features is a multiple of 8
-  constexpr int kBatch = 4;
-  for (int base = threadIdx.x; base < a.rows * chunks; base += kThreads * kBatch) {
+  constexpr int kThreads = kWarps * 32, kBatch = 4;
+  const int chunks = a.k_tiles * kTileK / 8;  // 8 inputs (16 bytes) each; in_features % 8 == 0
+  const int total = a.rows * chunks;
+  for (int base = threadIdx.x; base < total; base += kThreads * kBatch) {
     uint4 v[kBatch];
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
       const int c = base + b * kThreads, row = c / chunks, k = (c % chunks) * 8;
       v[b] = make_uint4(0, 0, 0, 0);
-      if (c >= a.rows * chunks || k >= a.in_features) continue;
+      if (c >= total || k >= a.in_features) continue;
       const half* src_row = a.x + size_t(row) * a.in_features;
       if (a.perm == nullptr) {
         v[b] = __ldg(reinterpret_cast<const uint4*>(src_row + k));
       } else {
         const int4 p0 = __ldg(reinterpret_cast<const int4*>(a.perm + k));
         const int4 p1 = __ldg(reinterpret_cast<const int4*>(a.perm + k) + 1);
-        const __half2 h0 = __halves2half2(src_row[p0.x], src_row[p0.y]);
-        const __half2 h1 = __halves2half2(src_row[p0.z], src_row[p0.w]);
-        const __half2 h2 = __halves2half2(src_row[p1.x], src_row[p1.y]);
-        const __half2 h3 = __halves2half2(src_row[p1.z], src_row[p1.w]);
-        v[b] = make_uint4(as_u32(h0), as_u32(h1), as_u32(h2), as_u32(h3));
+        v[b] = make_uint4(as_u32(__halves2half2(src_row[p0.x], src_row[p0.y])),
+                          as_u32(__halves2half2(src_row[p0.z], src_row[p0.w])),
+                          as_u32(__halves2half2(src_row[p1.x], src_row[p1.y])),
+                          as_u32(__halves2half2(src_row[p1.z], src_row[p1.w])));
       }
     }
 #pragma unroll
     for (int b = 0; b < kBatch; ++b) {
       const int c = base + b * kThreads;
-      if (c < a.rows * chunks)
-        *reinterpret_cast<uint4*>(xs + (c / chunks) * a.x_stride + (c % chunks) * 8) = v[b];
+      if (c < total) *reinterpret_cast<uint4*>(xs + (c / chunks) * a.x_stride + (c % chunks) * 8) = v[b];
     }
   }
 }
 
-// kStaged: the block first gathers x through perm (or copies it) into shared memory; otherwise
-// lanes read x from global memory, prefetched along with the weights.
-template <int kWarps, int kRowTiles, bool kStaged>
-__global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) matmul_kernel(const MatmulArgs a) {
-  // Tiles in flight per warp: enough bytes outstanding to cover memory latency, within the
-  // register budget of 16 warps per multiprocessor (staged tiles carry no activations).
-  constexpr int kPrefetch = kStaged ? 8 : 4;
-  extern __shared__ uint4 staged_x[];
-  __shared__ float partial[kWarps][kTileN][kRowTiles * 8];
+// Position in a block's run of steps: slice (32 outputs; the block owns slices blockIdx.x,
+// blockIdx.x + gridDim.x, ...) and k_step; warp w handles input tile kt = w + k_step * kWarps
+// (empty past the last input tile), so all warps reach each slice's end together.
+struct StreamPos {
+  int slice;
+  int k_step;
+};
+
+__device__ __forceinline__ void advance(StreamPos& p, int k_steps) {
+  if (++p.k_step == k_steps) {
+    p.k_step = 0;
+    p.slice += gridDim.x;
+  }
+}
+
+// A warp's ring, this lane's entries: stage s holds its words of the two tiles at w[64 s] and
+// w[64 s + 32], and its scales at scale_offset[32 s]. Each lane reads back only what it copied
+// itself, so no barrier sits between the copy and the read.
+struct Ring {
+  uint4* w;
+  uint4* scale_offset;
+};
+
+__device__ __forceinline__ Ring warp_ring(uint4* shared, int warp, int lane) {
+  uint4* scale_offset = shared + kWarps * kStages * 32 * kTilesPerStep;
+  return {shared + warp * kStages * 32 * kTilesPerStep + lane, scale_offset + warp * kStages * 32 + lane};
+}
+
+// Start copying this lane's share of step (slice, kt) into ring stage `stage`.
+__device__ __forceinline__ void issue_step(const Ring& ring, int stage, const MatmulArgs& a, int slice, int kt,
+                                           int lane) {
+  const int g = lane / 4, t = lane % 4;
+  const uint32_t group = __umulhi(uint32_t(kt) * kTileK + t * 16, a.group_magic);
+  const uint4* w = a.weights + (uint32_t(slice) * a.k_tiles + kt) * (32 * kTilesPerStep) + lane;
+  copy_weights_async(ring.w + 64 * stage, w);
+  copy_weights_async(ring.w + 64 * stage + 32, w + 32);
+  copy_scales_async(ring.scale_offset + 32 * stage, a.scales + (uint32_t(slice) * a.groups_pad + group) * 8 + g);
+}
+
+// kStaged: x (gathered through perm, if any) lives in shared memory after the rings; otherwise
+// lanes read it from global memory (L2), one step ahead.
+template <int kRowTiles, bool kStaged>
+__global__ void __launch_bounds__(kWarps * 32, 2) matmul_kernel(const MatmulArgs a) {
+  extern __shared__ uint4 dynamic_shared[];
+  __shared__ float partial[kWarps][kSliceN][kRowTiles * 8];
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
-  const int n_tile = blockIdx.x;
-  const uint4* w_lane = a.weights + size_t(n_tile) * a.k_tiles * 32 + lane;
-  const uint2* so_lane = a.scales + size_t(n_tile) * a.groups_pad * 8 + g;
-  // Warp w takes tiles w, w + kWarps, ...: together the block reads contiguous runs.
-  const int my_tiles = warp < a.k_tiles ? (a.k_tiles - 1 - warp) / kWarps + 1 : 0;
+  const int slices = (a.out_features + kSliceN - 1) / kSliceN;
+  const int k_steps = (a.k_tiles + kWarps - 1) / kWarps;
+  const int steps = ((slices - 1 - int(blockIdx.x)) / int(gridDim.x) + 1) * k_steps;
+  const Ring ring = warp_ring(dynamic_shared, warp, lane);
+  half* xs = reinterpret_cast<half*>(reinterpret_cast<unsigned char*>(dynamic_shared) + kRingBytes);
 
-  Tile<kRowTiles> buf[kPrefetch];
-#pragma unroll
-  for (int u = 0; u < kPrefetch; ++u)
-    if (u < my_tiles) fetch<kRowTiles, kStaged>(buf[u], a, w_lane, so_lane, warp + u * kWarps, g, t);
-
-  half* xs = reinterpret_cast<half*>(staged_x);
+  // The weights never depend on the previous kernel, so the first copies go out before waiting.
+  StreamPos next{int(blockIdx.x), 0};
+  for (int s = 0; s < kStages - 1; ++s) {
+    const int kt = warp + next.k_step * kWarps;
+    if (s < steps && kt < a.k_tiles) issue_step(ring, s, a, next.slice, kt, lane);
+    commit_copies();  // empty groups too: wait_copies counts groups
+    advance(next, k_steps);
+  }
+  wait_for_previous_kernel();
   if (kStaged) {
-    // The weight loads above are already in flight while the block stages x.
-    stage_x<kWarps * 32>(xs, a);
+    stage_x(xs, a);
     __syncthreads();
   }
 
-  float acc[kRowTiles][4] = {};
-  for (int i0 = 0; i0 < my_tiles; i0 += kPrefetch) {
+  Step<kRowTiles> s;
+  uint4 x_ahead[kRowTiles][2];
+  if (!kStaged && warp < a.k_tiles) load_x_global(x_ahead, a, uint32_t(warp) * kTileK + t * 16, g);
+  StreamPos cur{int(blockIdx.x), 0};
+  int stage = 0;
+  Accumulators<kRowTiles> acc = {};
+  // Once every block has issued its last copy, the next kernel may start its own prologue; letting
+  // it start earlier measured slower, its blocks waiting beside ours for the whole kernel.
+  const int last_issue = max(0, steps - (kStages - 1));
+  for (int i = 0; i < steps; ++i) {
+    if (i == last_issue) allow_next_kernel();
+    wait_copies<kStages - 2>();  // this lane's copies for step i have landed
+    const int kt = warp + cur.k_step * kWarps;
+    s.w[0] = ring.w[64 * stage];
+    s.w[1] = ring.w[64 * stage + 32];
+    s.scale_offset = ring.scale_offset[32 * stage];
+    // Refill the stage read one step ago, kStages - 1 steps ahead.
+    const int next_kt = warp + next.k_step * kWarps;
+    if (i + kStages - 1 < steps && next_kt < a.k_tiles)
+      issue_step(ring, stage == 0 ? kStages - 1 : stage - 1, a, next.slice, next_kt, lane);
+    commit_copies();
+    advance(next, k_steps);
+    stage = stage == kStages - 1 ? 0 : stage + 1;
+
+    if (kStaged) {
+      if (kt < a.k_tiles) load_x_shared(s.x, xs, a.x_stride, a.rows, uint32_t(kt) * kTileK + t * 16, g);
+    } else {
+      // x of the next step: the next input tile, or this warp's first one for the next slice.
 #pragma unroll
-    for (int u = 0; u < kPrefetch; ++u) {
-      const int i = i0 + u;
-      if (i < my_tiles) {
-        const int kt = warp + i * kWarps;
-        if (kStaged) load_x_shared(buf[u], xs, a.x_stride, a.rows, uint32_t(kt) * kTileK + t * 16, g);
-        mma_tile(buf[u], acc);
-        if (i + kPrefetch < my_tiles)
-          fetch<kRowTiles, kStaged>(buf[u], a, w_lane, so_lane, kt + kPrefetch * kWarps, g, t);
+      for (int r = 0; r < kRowTiles; ++r) s.x[r][0] = x_ahead[r][0], s.x[r][1] = x_ahead[r][1];
+      const int ahead_kt = cur.k_step + 1 < k_steps ? kt + kWarps : warp;
+      if (i + 1 < steps && ahead_kt < a.k_tiles) load_x_global(x_ahead, a, uint32_t(ahead_kt) * kTileK + t * 16, g);
+    }
+    if (kt < a.k_tiles) mma_step(s, acc);
+    if (cur.k_step + 1 < k_steps) {
+      ++cur.k_step;
+      continue;
+    }
+    // The last step of a slice, reached by every warp at the same i: reduce and store. Accumulator
+    // c0..c3 of each mma: (output g, row 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
+#pragma unroll
+    for (int tile = 0; tile < kTilesPerStep; ++tile) {
+#pragma unroll
+      for (int r = 0; r < kRowTiles; ++r) {
+        float(&c)[2][4] = acc[tile][r];
+        const int o = tile * 16 + g, row = r * 8 + 2 * t;
+        partial[warp][o][row] = c[0][0] + c[1][0];
+        partial[warp][o][row + 1] = c[0][1] + c[1][1];
+        partial[warp][o + 8][row] = c[0][2] + c[1][2];
+        partial[warp][o + 8][row + 1] = c[0][3] + c[1][3];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) c[e / 4][e % 4] = 0.f;
       }
     }
-  }
-
-  // Accumulator c0..c3 of each mma: (output g, row 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
+    __syncthreads();
+    for (int e = threadIdx.x; e < kSliceN * a.rows; e += kWarps * 32) {
+      const int o = e % kSliceN, row = e / kSliceN;
+      float sum = 0.f;
 #pragma unroll
-  for (int r = 0; r < kRowTiles; ++r) {
-    partial[warp][g][r * 8 + 2 * t] = acc[r][0];
-    partial[warp][g][r * 8 + 2 * t + 1] = acc[r][1];
-    partial[warp][g + 8][r * 8 + 2 * t] = acc[r][2];
-    partial[warp][g + 8][r * 8 + 2 * t + 1] = acc[r][3];
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kTileN * a.rows; i += kWarps * 32) {
-    const int o = i % kTileN, row = i / kTileN;
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += partial[w][o][row];
-    const int col = n_tile * kTileN + o;
-    if (col < a.out_features) a.y[size_t(row) * a.out_features + col] = __float2half_rn(sum);
+      for (int w = 0; w < kWarps; ++w) sum += partial[w][o][row];
+      const int col = cur.slice * kSliceN + o;
+      if (col < a.out_features) a.y[size_t(row) * a.out_features + col] = __float2half_rn(sum);
+    }
+    __syncthreads();  // partial is read before the next slice overwrites it
+    cur.k_step = 0;
+    cur.slice += gridDim.x;
   }
 }
 
 // One lane of one tile per thread: decode 32 weights and write them to the dense [out, in] matrix.
 __global__ void dequantize_kernel(const DequantArgs a) {
-  const size_t lane_id = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const size_t tile = lane_id / 32;
-  if (tile >= size_t(a.n_tiles) * a.k_tiles) return;
-  const int lane = int(lane_id % 32), g = lane / 4, t = lane % 4;
-  const int n_tile = int(tile / a.k_tiles), kt = int(tile % a.k_tiles);
+  const uint32_t lanes = uint32_t(a.slices) * a.k_tiles * kTilesPerStep * 32;
+  const uint32_t id = blockIdx.x * blockDim.x + threadIdx.x;  // = ((slice k_tiles + kt) 2 + tile) 32 + lane
+  if (id >= lanes) return;
+  const int lane = id % 32, tile = (id / 32) % kTilesPerStep, g = lane / 4, t = lane % 4;
+  const uint32_t slice_kt = id / (32 * kTilesPerStep);
+  const int slice = slice_kt / a.k_tiles, kt = slice_kt % a.k_tiles;
   const uint32_t k0 = uint32_t(kt) * kTileK + t * 16;
 
-  const uint4 w = load_once(a.weights + lane_id);
-  const uint2 so = __ldg(a.scales + (size_t(n_tile) * a.groups_pad + __umulhi(k0, a.group_magic)) * 8 + g);
-  const __half2 so0 = as_half2(so.x), so1 = as_half2(so.y);
-  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+  const uint4 w = __ldg(a.weights + id);
+  const uint4 so = __ldg(a.scales + (uint32_t(slice) * a.groups_pad + __umulhi(k0, a.group_magic)) * 8 + g);
+  const __half2 so0 = as_half2(tile ? so.z : so.x), so1 = as_half2(tile ? so.w : so.y);
   // rows[0] collects output g, rows[1] output g + 8: inputs k0 .. k0 + 15 as 8 half2 each.
   uint32_t rows[2][8];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     uint32_t frag[4];
-    dequant_word(words[j], __low2half2(so0), __high2half2(so0), __low2half2(so1), __high2half2(so1), frag);
+    dequant_word(word(w, j), __low2half2(so0), __high2half2(so0), __low2half2(so1), __high2half2(so1), frag);
     // frag[0] = (g, k, k+1), frag[2] = (g, k+2, k+3); frag[1], frag[3] likewise for g + 8.
     rows[0][2 * j] = frag[0];
     rows[0][2 * j + 1] = frag[2];
@@ -277,48 +403,63 @@ __global__ void dequantize_kernel(const DequantArgs a) {
   }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int out = n_tile * kTileN + g + 8 * h;
+    const int out = slice * kSliceN + tile * 16 + g + 8 * h;
     if (out >= a.out_features) continue;
     uint4* dst = reinterpret_cast<uint4*>(a.w + size_t(out) * a.in_features + k0);
-    if (k0 + 8 <= uint32_t(a.in_features))
-      dst[0] = make_uint4(rows[h][0], rows[h][1], rows[h][2], rows[h][3]);
-    if (k0 + 16 <= uint32_t(a.in_features))
-      dst[1] = make_uint4(rows[h][4], rows[h][5], rows[h][6], rows[h][7]);
+    if (k0 + 8 <= uint32_t(a.in_features)) dst[0] = make_uint4(rows[h][0], rows[h][1], rows[h][2], rows[h][3]);
+    if (k0 + 16 <= uint32_t(a.in_features)) dst[1] = make_uint4(rows[h][4], rows[h][5], rows[h][6], rows[h][7]);
   }
 }
 
-template <int kWarps, int kRowTiles, bool kStaged>
-cudaError_t launch(const MatmulArgs& a, int n_tiles, size_t shared_bytes, cudaStream_t stream) {
-  auto kernel = matmul_kernel<kWarps, kRowTiles, kStaged>;
-  if (shared_bytes > 48 * 1024) {
-    // Above 48 KB a kernel must opt in to dynamic shared memory; the call is cheap, so no caching.
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<n_tiles, kWarps * 32, shared_bytes, stream>>>(a);
-  return cudaGetLastError();
+template <int kRowTiles, bool kStaged>
+cudaError_t launch(const MatmulArgs& a, size_t shared_bytes, bool overlap, cudaStream_t stream) {
+  auto kernel = matmul_kernel<kRowTiles, kStaged>;
+  // Static plus dynamic shared memory above 48 KB needs an opt-in; the call is cheap, so it is
+  // made on every launch rather than cached per device.
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes));
+  int device = 0, sms = 0, per_sm = 0, major = 0;
+  if (err == cudaSuccess) err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, shared_bytes);
+  if (err != cudaSuccess) return err;
+  // As many blocks as fit at once, spread so that every block gets the same number of slices
+  // (give or take one).
+  const int slices = (a.out_features + kSliceN - 1) / kSliceN;
+  const int slots = std::max(1, sms * per_sm);
+  const int rounds = (slices + slots - 1) / slots;
+  const int grid = (slices + rounds - 1) / rounds;
+
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(kWarps * 32);
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = overlap && major >= 9 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, a);
 }
 
-template <int kWarps>
-cudaError_t launch_rows(const MatmulArgs& a, int n_tiles, bool staged, size_t shared_bytes, cudaStream_t stream) {
-  const bool two = a.rows > 8;
-  if (staged) return two ? launch<kWarps, 2, true>(a, n_tiles, shared_bytes, stream)
-                         : launch<kWarps, 1, true>(a, n_tiles, shared_bytes, stream);
-  return two ? launch<kWarps, 2, false>(a, n_tiles, 0, stream) : launch<kWarps, 1, false>(a, n_tiles, 0, stream);
-}
+size_t partial_bytes(int rows) { return size_t(kWarps) * kSliceN * (rows > 8 ? 16 : 8) * sizeof(float); }
 
 }  // namespace
 
-cudaError_t matmul(const MatmulArgs& a, int n_tiles, int warps, bool staged, cudaStream_t stream) {
-  const size_t shared_bytes = staged ? size_t(a.rows) * a.x_stride * sizeof(half) : 0;
-  return warps == 4 ? launch_rows<4>(a, n_tiles, staged, shared_bytes, stream)
-                    : launch_rows<8>(a, n_tiles, staged, shared_bytes, stream);
+size_t max_staged_bytes(int rows) { return kBlockSharedBudget - kRingBytes - partial_bytes(rows); }
+
+cudaError_t matmul(const MatmulArgs& a, bool staged, bool overlap, cudaStream_t stream) {
+  const size_t bytes = kRingBytes + (staged ? size_t(a.rows) * a.x_stride * sizeof(half) : 0);
+  if (a.rows > 8) return staged ? launch<2, true>(a, bytes, overlap, stream) : launch<2, false>(a, bytes, overlap, stream);
+  return staged ? launch<1, true>(a, bytes, overlap, stream) : launch<1, false>(a, bytes, overlap, stream);
 }
 
 cudaError_t dequantize(const DequantArgs& a, cudaStream_t stream) {
-  const size_t threads = size_t(a.n_tiles) * a.k_tiles * 32;
+  const uint32_t lanes = uint32_t(a.slices) * a.k_tiles * kTilesPerStep * 32;
   const int block = 256;
-  dequantize_kernel<<<unsigned((threads + block - 1) / block), block, 0, stream>>>(a);
+  dequantize_kernel<<<(lanes + block - 1) / block, block, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

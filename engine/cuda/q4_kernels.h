@@ -4,19 +4,20 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace q4 {
 
-// Buffers in the layout that engine/cuda/q4.py `repack` writes.
+// Buffers in the layout that engine/cuda/q4.py `repack` writes. Indices into them are 32-bit.
 struct MatmulArgs {
   const half* x;          // [rows, in_features], rows 1..16, 16-byte aligned
   int rows;
   int in_features;
   const int* perm;        // [in_features] or nullptr; used only when staged
   int x_stride;           // staged: shared-memory row stride in halves (k_tiles * 64 + 8)
-  const uint4* weights;   // [n_tiles, k_tiles, 32 lanes] of 4 words
-  const uint2* scales;    // [n_tiles, groups_pad, 8] of (scale, offset) for outputs g and g + 8
+  const uint4* weights;   // [slices, k_tiles, 2 tiles, 32 lanes] of 4 words
+  const uint4* scales;    // [slices, groups_pad, 8] of (scale, offset) for outputs g, g + 8 of both tiles
   int k_tiles;
   int groups_pad;
   uint32_t group_magic;   // group of input k = umulhi(k, group_magic)
@@ -26,8 +27,8 @@ struct MatmulArgs {
 
 struct DequantArgs {
   const uint4* weights;
-  const uint2* scales;
-  int n_tiles;
+  const uint4* scales;
+  int slices;
   int k_tiles;
   int groups_pad;
   uint32_t group_magic;
@@ -36,8 +37,14 @@ struct DequantArgs {
   half* w;                // [out_features, in_features]
 };
 
-// warps: 4 or 8 per block; staged: gather x (through perm, if any) into shared memory first.
-cudaError_t matmul(const MatmulArgs& args, int n_tiles, int warps, bool staged, cudaStream_t stream);
+// The most bytes of x that may be staged in shared memory for `rows` activation rows.
+size_t max_staged_bytes(int rows);
+
+// staged: gather x (through perm, if any) into shared memory first; needs rows * x_stride * 2 <=
+// max_staged_bytes(rows). overlap: launch as a programmatic dependent (sm_90+), so that the
+// kernel starts loading weights while the previous kernel in the stream finishes; the weights
+// must then have been written before that kernel was launched.
+cudaError_t matmul(const MatmulArgs& args, bool staged, bool overlap, cudaStream_t stream);
 cudaError_t dequantize(const DequantArgs& args, cudaStream_t stream);
 
 }  // namespace q4

@@ -254,7 +254,10 @@ def read_gguf(path: str) -> Checkpoint:
         if part in LINEAR_PARTS and tensor.tensor_type.name in FOUR_BIT:
             weight = four_bit_linear(tensor)
         else:
-            weight = torch.from_numpy(dequantize_tensor(tensor))
+            try:
+                weight = torch.from_numpy(dequantize_tensor(tensor))
+            except ModelError as error:  # it names the tensor and type; the user also needs the file
+                raise ModelError(f"{path}: {error}") from None
         if part == "attn_q":
             weight = _permute_rows(weight, _rope_rows(config.num_heads, config.num_heads * config.head_dim))
         elif part == "attn_k":

@@ -1,0 +1,143 @@
+"""The 4-bit CUDA kernels against a float32 dequantized reference.
+
+The layout test runs anywhere: it decodes the repacked weights the way the kernel's registers
+and the PTX m16n8k16 fragment map say they are used, independently of how `repack` builds them.
+The kernel tests need a CUDA GPU and skip cleanly without one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine import cuda
+from engine.cuda import q4
+from engine.quant import Q4Linear
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def random_layer(in_features, out_features, group_size, act_order, generator, device="cpu") -> Q4Linear:
+    """Random 4-bit values, fp16 scales and offsets; a random input permutation for act-order."""
+    group_size = in_features if group_size == -1 else group_size
+    groups = in_features // group_size
+    q = torch.randint(0, 16, (in_features, out_features), generator=generator)
+    scale = (torch.rand(groups, out_features, generator=generator) * 0.02 + 0.002).half()
+    zero = torch.rand(groups, out_features, generator=generator) * 15
+    offset = (-scale.float() * zero).half()
+    perm = torch.randperm(in_features, generator=generator) if act_order else None
+    return Q4Linear.from_values(q, scale, offset, group_size, perm).to(device)
+
+
+def emulate_kernel_weights(weights: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
+    """Dense W [out_pad, in_pad] as the kernel sees it, decoded from the repacked buffers."""
+    slices, k_tiles = weights.shape[:2]
+    magic = q4.group_magic(group_size)
+    w = np.zeros((slices * 32, k_tiles * 64), np.float32)
+    words = weights.astype(np.int64) & 0xFFFFFFFF
+    for s in range(slices):
+        for kt in range(k_tiles):
+            for tile in range(2):
+                for lane in range(32):
+                    g, t = divmod(lane, 4)
+                    base = kt * 64 + 16 * t
+                    group = (base * magic) >> 32
+                    s0, o0, s1, o1 = scales[s, group, g, 4 * tile : 4 * tile + 4].astype(np.float32)
+                    for j in range(4):
+                        word = int(words[s, kt, tile, lane, j])
+                        # The kernel's decode: register r = nibbles (r, r + 4) as (low, high) half;
+                        # registers 1 and 3 from the 4-bit-shifted mask, 2 and 3 from word >> 8.
+                        for i in range(8):
+                            reg, half = i % 4, i // 4
+                            value = (word >> (4 * i)) & 0xF
+                            # A fragment (PTX m16n8k16 .f16): reg 0 = (g, 2t..), 1 = (g+8, 2t..),
+                            # 2 = (g, 2t+8..), 3 = (g+8, 2t+8..); the kernel's B operand maps mma
+                            # column 2t + e to input base + 4j + e and 2t + 8 + e to base + 4j + 2 + e.
+                            row = s * 32 + tile * 16 + g + (8 if reg % 2 else 0)
+                            col = base + 4 * j + half + (2 if reg >= 2 else 0)
+                            scale, off = (s1, o1) if reg % 2 else (s0, o0)
+                            w[row, col] = scale * value + off
+    return w
+
+
+@pytest.mark.parametrize(("in_features", "out_features", "group_size"), [(136, 40, 8 * 17), (192, 33, 32), (128, 48, 64)])
+def test_repack_layout_matches_the_kernel_fragment_map(in_features, out_features, group_size):
+    gen = torch.Generator().manual_seed(in_features + out_features)
+    layer = random_layer(in_features, out_features, group_size, act_order=False, generator=gen)
+    prepared_w, prepared_s = q4.repack(layer.packed, layer.scale, layer.offset, layer.group_size)
+    dense = emulate_kernel_weights(prepared_w.numpy(), prepared_s.numpy(), layer.group_size)
+    want = layer.dequantize(torch.float32).numpy()
+    np.testing.assert_array_equal(dense[:out_features, :in_features], want)
+    assert not dense[out_features:].any(), "padding outputs must be zero"
+
+
+def test_fallback_warning_is_one_line_once(capsys, monkeypatch):
+    monkeypatch.setattr(cuda.build, "unavailable_reason", lambda: "no CUDA GPU is visible")
+    cuda.build.warn_fallback.cache_clear()
+    cuda.warn_fallback()
+    cuda.warn_fallback()
+    cuda.build.warn_fallback.cache_clear()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA GPU is visible" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
+def test_unavailable_without_gpu():
+    assert not cuda.available()
+    assert "GPU" in cuda.unavailable_reason()
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def reference(layer: Q4Linear, x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    if layer.perm is not None:
+        x = x[..., layer.perm]
+    return x @ layer.dequantize(torch.float32).double().t()
+
+
+LAYERS = [
+    # in, out, group size (-1: one group per row), act-order
+    (4096, 4104, 128, False),
+    (4160, 1000, 64, True),
+    (1088, 1000, 32, False),
+    (960, 200, 48, False),  # a group size that is not a power of two
+    (2056, 520, -1, True),  # 2056 inputs: not a multiple of 16 or 64
+    (11008, 4096, 128, True),  # too wide to stage 16 rows: perm is gathered by a separate pass
+]
+ROWS = [1, 2, 3, 5, 8, 9, 13, 16, 17, 40]
+
+
+@needs_gpu
+@pytest.mark.parametrize(("in_features", "out_features", "group_size", "act_order"), LAYERS)
+def test_matmul_matches_float32_reference(in_features, out_features, group_size, act_order):
+    ext = cuda.extension()  # a build failure on a GPU machine is a test failure, not a skip
+    gen = torch.Generator().manual_seed(in_features * 7 + out_features)
+    layer = random_layer(in_features, out_features, group_size, act_order, gen, device="cuda")
+    prepared = q4.prepare(layer)
+    staged_row_bytes = (-(-in_features // 64) * 64 + 8) * 2
+    for rows in ROWS:
+        x = torch.randn(rows, in_features, generator=gen).half().cuda()
+        # 0: the kernel's choice; 1: x from global memory; 2: x staged in shared memory, if it fits.
+        modes = (0, 1, 2) if rows * staged_row_bytes <= ext.max_staged_bytes(rows) else (0, 1)
+        for mode in modes:
+            out = torch.full((rows, out_features), float("nan"), dtype=torch.float16, device="cuda")
+            try:
+                prepared.matmul(x, out, mode=mode)
+            except RuntimeError as error:
+                pytest.fail(f"rows={rows} mode={mode}: {error}")
+            err = relative_error(out, reference(layer, x))
+            assert err < 2e-3, f"rows={rows} mode={mode}: relative error {err:.2e}"
+
+
+@needs_gpu
+def test_matmul_keeps_leading_dimensions():
+    gen = torch.Generator().manual_seed(5)
+    layer = random_layer(512, 272, 128, True, gen, device="cuda")
+    x = torch.randn(2, 3, 512, generator=gen).half().cuda()
+    y = q4.prepare(layer).matmul(x)
+    assert y.shape == (2, 3, 272)
+    assert relative_error(y, reference(layer, x)) < 2e-3
