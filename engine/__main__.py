@@ -96,12 +96,15 @@ def run_ppl(args) -> None:
 
 
 def run_bench(args) -> None:
-    from .bench import measure, measure_synthetic
+    from .bench import measure, measure_lora_cost, measure_synthetic
 
     if args.synthetic:
         if not torch.cuda.is_available():
             raise ModelError("--synthetic benchmarks need a CUDA GPU")
-        result = measure_synthetic(args.synthetic, group_size=args.group_size, runs=args.runs)
+        if args.lora_rank:
+            result = measure_lora_cost(args.synthetic, rank=args.lora_rank, group_size=args.group_size, runs=args.runs)
+        else:
+            result = measure_synthetic(args.synthetic, group_size=args.group_size, runs=args.runs)
     else:
         result = measure(load(args), prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=args.runs,
                          adapters=adapter_mix(args))
@@ -142,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--synthetic", metavar="NAME", default=None,
                        help="a random-weight model of a known shape instead of -d: llama2-7b, llama3-8b, llama2-70b")
     bench.add_argument("--group-size", type=int, default=128, help="4-bit group size of the synthetic model")
+    bench.add_argument("--lora-rank", type=int, default=0,
+                       help="with --synthetic: the decode cost of a random adapter of this rank on all 7 projections")
     bench.add_argument("--json", action="store_true", help="last line of stdout is one JSON object")
     bench.set_defaults(run=run_bench)
     return parser

@@ -78,7 +78,7 @@ def weight_bytes_per_token(loaded: LoadedModel) -> int:
     return total - (embedding.shape[0] - 1) * embedding[0].numel() * embedding.element_size()
 
 
-def decode_rate(generator: Generator, context: int, new_tokens: int, runs: int) -> float:
+def decode_rate(generator: Generator, context: int, new_tokens: int, runs: int, adapters=None) -> float:
     """Median tokens/s of greedy decoding after a random context of `context` tokens (no detokenizing)."""
     loaded = generator.loaded
     rng = torch.Generator().manual_seed(context)
@@ -87,7 +87,7 @@ def decode_rate(generator: Generator, context: int, new_tokens: int, runs: int) 
     rates = []
     for run in range(runs + 1):
         generator.cached = []
-        logits, _ = generator.prefill(prompt)
+        logits, _ = generator.prefill(prompt, adapters)
         history = list(prompt)
         _sync(loaded.device)
         started = time.perf_counter()
@@ -147,3 +147,33 @@ def measure_synthetic(name: str, group_size: int = 128, new_tokens: int = 64, ru
             result["fp16"] = figures
         del generator, loaded
     return result
+
+
+LORA_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def measure_lora_cost(name: str, rank: int = 16, group_size: int = 128, new_tokens: int = 64, runs: int = 3) -> dict:
+    """Decode speed of a synthetic 4-bit model at context 128 without LoRA, and with a random rank-`rank`
+    adapter active on all seven projections of every block (graphs captured with it, as in the chat)."""
+    from .lora import LowRankUpdate
+    from .synthetic import synthetic_model
+
+    device = torch.device("cuda")
+    loaded = synthetic_model(name, device, bits=4, group_size=group_size, max_seq_len=1024)
+    context = 128 - new_tokens
+    without = decode_rate(Generator(loaded), context, new_tokens, runs)
+    generator = torch.Generator(device=device).manual_seed(0)
+    updates = []
+    for index, block in enumerate(loaded.model.layers):
+        for projection in LORA_PROJECTIONS:
+            layer = block.get_submodule(projection)
+            a = torch.randn(rank, layer.in_features, device=device, generator=generator) * layer.in_features**-0.5
+            b = torch.randn(layer.out_features, rank, device=device, generator=generator) * 0.01
+            updates.append(LowRankUpdate(f"layers.{index}.{projection}", index, a, b, scale=2.0))
+    loaded.adapters.add("random", updates, "random factors")
+    # A new generator, so its graphs are captured with the adapter's layers in place.
+    with_lora = decode_rate(Generator(loaded), context, new_tokens, runs, adapters={"random": 1.0})
+    return {"model": name, "gpu": torch.cuda.get_device_name(device), "lora_rank": rank,
+            "projections": len(LORA_PROJECTIONS), "decode_tok_s_without": round(without, 1),
+            "decode_tok_s_with": round(with_lora, 1), "cost_pct": round((1 - with_lora / without) * 100, 1)}

@@ -118,10 +118,13 @@ class LoraSet:
             raise ModelError(f"{folder}: the adapter needs a non-empty name")
         if name in self.folders:
             raise ModelError(f"an adapter named {name!r} is already loaded; give each adapter its own name (NAME=DIR)")
-        updates = read_adapter(folder, self.model)  # every check passes before the model changes
+        self.add(name, read_adapter(folder, self.model), folder)  # every check passes before the model changes
+
+    def add(self, name: str, updates: list[LowRankUpdate], source: str) -> None:
+        """Add already checked updates under `name`; `source` says where they came from."""
         for update in updates:
             self._lora_layer(update).add(name, update.a, update.b, update.scale)
-        self.folders[name] = folder
+        self.folders[name] = source
         self._write(self.mix)  # adding reset the coefficients of the layers it touched
 
     def activate(self, adapters: dict[str, float] | None) -> dict[str, float]:

@@ -6,7 +6,9 @@ owned by each attention layer and written at the positions the caller passes in.
 
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -149,13 +151,25 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
 
     def setup_cache(self, max_seq_len: int, dtype: torch.dtype) -> None:
-        """Preallocate every layer's KV cache on that layer's device, and the rotary tables."""
-        for layer in self.layers:
-            device = layer.input_layernorm.weight.device
+        """Preallocate every layer's KV cache on that layer's device, and the rotary tables on every device.
+
+        Consecutive layers on one device form a segment; a model split over GPUs runs segment after segment,
+        handing the hidden state on. The embedding sits with the first segment, the norm and head with the last.
+        """
+        devices = [layer.input_layernorm.weight.device for layer in self.layers]
+        self.segments = segments_of(devices)
+        for layer, device in zip(self.layers, devices):
             layer.self_attn.cache = KVCache(self.config.num_kv_heads, self.config.head_dim, max_seq_len, dtype, device)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32, device=self.inv_freq.device), self.inv_freq)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), self.inv_freq.cpu())
         angles = torch.cat((angles, angles), dim=-1)
-        self.rope_cos, self.rope_sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        # Computed once on the CPU, so every device gets the very same tables.
+        self.rope = {s.device: (angles.cos().to(s.device, dtype), angles.sin().to(s.device, dtype))
+                     for s in self.segments}
+
+    @property
+    def output_device(self) -> torch.device:
+        """Where the logits come out: the last segment's device."""
+        return self.norm.weight.device
 
     def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor:
         """Logits (float32) for tokens [batch, length] placed at positions start.., writing the KV cache."""
@@ -168,16 +182,45 @@ class Transformer(nn.Module):
         Only tensor values change from call to call, never shapes, so a CUDA graph can capture a decode
         step for a fixed cache_len and replay it at any position below that.
         """
-        x = F.embedding(tokens, self.embed_tokens)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        keys = torch.arange(cache_len, device=positions.device)
-        bias = torch.zeros(positions.shape[0], cache_len, device=positions.device)
+        x = tokens
+        for index, segment in enumerate(self.segments):
+            x = self.run_segment(index, x.to(segment.device), positions.to(segment.device), cache_len, last_only)
+        return x
+
+    def run_segment(self, index: int, x, positions: torch.Tensor, cache_len: int, last_only: bool = True):
+        """Segment `index`'s part of `step`, on its device: the first takes token ids, the others the hidden
+        state of the one before; the last returns the logits."""
+        segment = self.segments[index]
+        if index == 0:
+            x = F.embedding(x, self.embed_tokens)
+        rope_cos, rope_sin = self.rope[segment.device]
+        cos, sin = rope_cos[positions], rope_sin[positions]
+        keys = torch.arange(cache_len, device=segment.device)
+        bias = torch.zeros(positions.shape[0], cache_len, device=segment.device)
         bias = bias.masked_fill(keys[None, :] > positions[:, None], float("-inf"))
-        for layer in self.layers:
+        for layer in self.layers[segment.layers.start:segment.layers.stop]:
             x = layer(x, cos, sin, positions, bias)
+        if index < len(self.segments) - 1:
+            return x
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()
+
+
+@dataclass(frozen=True)
+class Segment:
+    device: torch.device
+    layers: range
+
+
+def segments_of(devices: list[torch.device]) -> list[Segment]:
+    """One segment for each run of consecutive layers on the same device."""
+    segments, start = [], 0
+    for device, run in itertools.groupby(devices):
+        count = len(list(run))
+        segments.append(Segment(device, range(start, start + count)))
+        start += count
+    return segments
 
 
 def required_weights(config: ModelConfig) -> list[str]:
