@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
+from .cuda import fused
 from .config import ModelConfig
 from .errors import ModelError
 from .quant import Q4Linear
@@ -43,6 +44,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and fused.available():
+            return fused.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 like the reference, whatever the activation dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -103,12 +106,24 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, positions, bias) -> torch.Tensor:
         batch, length, _ = x.shape
+        if batch == length == 1 and x.is_cuda and type(self.cache) is KVCache and fused.available():
+            return self.fused_decode(x, cos, sin, positions, bias.shape[-1])
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.cache.attend(q, k, v, positions, bias)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def fused_decode(self, x, cos, sin, positions, cache_len: int) -> torch.Tensor:
+        """One token on the GPU: RoPE and the cache write in one kernel, then one attention kernel that
+        reads only the slots up to `positions`, however long the graph's bucket `cache_len` is."""
+        q = self.q_proj(x).view(self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(self.num_kv_heads, self.head_dim)
+        fused.rope_and_store(q, k, v, cos, sin, positions, self.cache.keys, self.cache.values)
+        out = fused.decode_attention(q, self.cache.keys, self.cache.values, positions, cache_len)
+        return self.o_proj(out.view(1, 1, -1))
 
 
 class FeedForward(nn.Module):
@@ -119,6 +134,8 @@ class FeedForward(nn.Module):
         self.down_proj = as_linear(weights[prefix + "down_proj.weight"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and fused.available():
+            return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

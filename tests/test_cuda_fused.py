@@ -1,0 +1,61 @@
+"""The fused Triton decode kernels against the PyTorch path they replace, on random inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.cache import grouped_attention
+from engine.model import apply_rope
+
+fused = pytest.importorskip("engine.cuda.fused")
+pytestmark = pytest.mark.skipif(not fused.available(), reason="needs a CUDA GPU and Triton")
+
+CUDA = torch.device("cuda")
+
+
+def relative_error(ours, reference):
+    return ((ours.float() - reference.float()).norm() / reference.float().norm()).item()
+
+
+@pytest.mark.parametrize("width", [576, 4096, 5120])
+def test_rms_norm(width):
+    x = torch.randn(3, width, device=CUDA, dtype=torch.float16)
+    weight = torch.rand(width, device=CUDA, dtype=torch.float16) + 0.5
+    xf = x.float()
+    reference = weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert relative_error(fused.rms_norm(x, weight, 1e-5), reference) < 2e-3
+
+
+def test_silu_mul():
+    gate, up = torch.randn(2, 1, 11008, device=CUDA, dtype=torch.float16).unbind(0)
+    reference = F.silu(gate.float()) * up.float()
+    assert relative_error(fused.silu_mul(gate.contiguous(), up.contiguous()), reference) < 2e-3
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 32, 128), (32, 8, 128)])
+def test_rope_and_store_then_attention(heads, kv_heads, dim):
+    max_seq, position = 1024, 700
+    keys = torch.randn(1, kv_heads, max_seq, dim, device=CUDA, dtype=torch.float16)
+    values = torch.randn_like(keys)
+    q, k, v = (torch.randn(n, dim, device=CUDA, dtype=torch.float16) for n in (heads, kv_heads, kv_heads))
+    angles = torch.rand(1, dim // 2, device=CUDA) * 6.28
+    cos, sin = torch.cat((angles, angles), -1).cos().half(), torch.cat((angles, angles), -1).sin().half()
+
+    # Reference: rotate, write the cache, attend over slots 0..position.
+    q_ref = apply_rope(q.float(), cos.float(), sin.float())
+    k_ref = apply_rope(k.float(), cos.float(), sin.float())
+    keys_ref, values_ref = keys.clone().float(), values.clone().float()
+    keys_ref[0, :, position], values_ref[0, :, position] = k_ref, v.float()
+    out_ref = grouped_attention(q_ref.view(1, heads, 1, dim), keys_ref[:, :, : position + 1],
+                                values_ref[:, :, : position + 1], torch.zeros(1, position + 1, device=CUDA))
+
+    pos = torch.tensor([position], device=CUDA)
+    # Poison the slots past the position: the kernel must not read them.
+    keys[:, :, position + 1:] = float("nan")
+    values[:, :, position + 1:] = float("nan")
+    fused.rope_and_store(q, k, v, cos, sin, pos, keys, values)
+    assert relative_error(q, q_ref) < 2e-3
+    assert relative_error(keys[0, :, position], k_ref) < 2e-3
+    for bucket in (position + 1, max_seq):
+        out = fused.decode_attention(q, keys, values, pos, bucket)
+        assert relative_error(out.view(1, heads, 1, dim), out_ref) < 2e-3
