@@ -1,6 +1,7 @@
 """Start the chat server, or manage its accounts.
 
-    python app.py [-d MODEL] [--host 127.0.0.1] [--port 5000] [--sessions-dir sessions] [--auth [--allow-register]]
+    python app.py [-d MODEL] [--gpu-split GIB,GIB|auto] [--host 127.0.0.1] [--port 5000] [--sessions-dir sessions]
+                  [--auth [--allow-register]]
     python app.py [--sessions-dir sessions] adduser NAME
 """
 
@@ -13,6 +14,7 @@ import threading
 import time
 
 import engine
+from engine.__main__ import add_gpu_split_argument
 from webui import create_app
 from webui.accounts import Accounts
 from webui.errors import WebUIError
@@ -26,6 +28,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("-d", "--model", default="default",
                         help="model folder or file (default: the built-in small model)")
     parser.add_argument("--device", default=None, help="where the model runs, e.g. cpu or cuda:0 (default: cuda when available)")
+    add_gpu_split_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--sessions-dir", default="sessions",
@@ -61,10 +64,11 @@ def add_user(sessions_dir: str, name: str) -> int:
     return 0
 
 
-def load_model_with_progress(name: str, device: str):
+def load_model_with_progress(name: str, device: str, gpu_split: str | None):
     """Load the model, printing the time spent every few seconds: engine.load_model reports nothing
     until it is done, and a large model takes minutes."""
-    print(f"Loading model {name} on {device or engine.loader.default_device()} ...", flush=True)
+    where = f"GPUs split {gpu_split}" if gpu_split else device or engine.loader.default_device()
+    print(f"Loading model {name} on {where} ...", flush=True)
     started = time.monotonic()
     done = threading.Event()
 
@@ -74,7 +78,7 @@ def load_model_with_progress(name: str, device: str):
 
     threading.Thread(target=report_elapsed, daemon=True).start()
     try:
-        model = engine.load_model(name, device=device)
+        model = engine.load_model(name, device=device, gpu_split=gpu_split)
     finally:
         done.set()
     print(f"Loaded {model.name} in {time.monotonic() - started:.1f} s; context {model.max_seq_len} tokens.", flush=True)
@@ -93,7 +97,7 @@ def serve(args: argparse.Namespace) -> int:
         print("--allow-register only makes sense with --auth.", file=sys.stderr)
         return 2
     try:
-        model = load_model_with_progress(args.model, args.device)
+        model = load_model_with_progress(args.model, args.device, args.gpu_split)
     except engine.ModelError as exc:
         print(exc, file=sys.stderr)
         return 1

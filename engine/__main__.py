@@ -22,7 +22,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model folder (HF or GPTQ safetensors), GGUF file, or 'default'")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="activation dtype (default: float32 on CPU, float16 on CUDA)")
+                        help="weight and activation dtype (default: float16)")
     parser.add_argument("--quantize", type=int, choices=[4], default=None,
                         help="quantize an unquantized checkpoint to 4 bits (group 128) while loading")
     parser.add_argument("--max-seq-len", type=int, default=None, help="context length to allocate the cache for")
@@ -30,6 +30,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="PEFT LoRA adapter folder to apply, repeatable; NAME defaults to the folder's name")
     parser.add_argument("--lora-weight", type=lora_weight, action="append", default=[], metavar="NAME=W",
                         help="weight of the adapter NAME (default 1.0)")
+    add_gpu_split_argument(parser)
+
+
+def add_gpu_split_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpu-split", metavar="GIB,GIB,...|auto", default=None,
+                        help="spread the layers over the GPUs: GiB each may use, in order (weights, KV cache and "
+                             "buffers all count), or 'auto' for their free memory")
 
 
 def lora_folder(spec: str) -> tuple[str, str]:
@@ -57,7 +64,7 @@ def load(args):
     from .loader import load_model
 
     return load_model(args.model, device=args.device, dtype=DTYPES.get(args.dtype), quantize=args.quantize,
-                      max_seq_len=args.max_seq_len, lora=args.lora)
+                      max_seq_len=args.max_seq_len, lora=args.lora, gpu_split=args.gpu_split)
 
 
 def run_generate(args) -> None:
@@ -96,11 +103,13 @@ def run_ppl(args) -> None:
 
 
 def run_bench(args) -> None:
-    from .bench import measure, measure_lora_cost, measure_synthetic
+    from .bench import measure, measure_lora_cost, measure_samples, measure_synthetic
 
-    if args.synthetic:
-        if not torch.cuda.is_available():
-            raise ModelError("--synthetic benchmarks need a CUDA GPU")
+    if args.synthetic and not torch.cuda.is_available():
+        raise ModelError("--synthetic benchmarks need a CUDA GPU")
+    if args.samples:
+        result = measure_samples(samples_model(args), args.samples, args.ctx, runs=args.runs)
+    elif args.synthetic:
         if args.lora_rank:
             result = measure_lora_cost(args.synthetic, rank=args.lora_rank, group_size=args.group_size, runs=args.runs)
         else:
@@ -113,6 +122,25 @@ def run_bench(args) -> None:
     else:
         for key, value in result.items():
             print(f"{key}: {value}")
+
+
+def samples_model(args):
+    """The model for `bench --samples`: the synthetic one with a context of --ctx, or -d's."""
+    if not args.synthetic:
+        return load(args)
+    from .synthetic import synthetic_model
+
+    return synthetic_model(args.synthetic, "cuda", group_size=args.group_size, max_seq_len=args.ctx)
+
+
+def sample_counts(spec: str) -> list[int]:
+    try:
+        counts = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r} is not a list of sample counts, e.g. 1,4,16") from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError("every sample count must be at least 1")
+    return counts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--group-size", type=int, default=128, help="4-bit group size of the synthetic model")
     bench.add_argument("--lora-rank", type=int, default=0,
                        help="with --synthetic: the decode cost of a random adapter of this rank on all 7 projections")
+    bench.add_argument("--samples", type=sample_counts, default=None, metavar="N,N,...",
+                       help="decode step time with N parallel samples after one shared context, bifurcated "
+                            "attention against a replicated cache")
+    bench.add_argument("--ctx", type=int, default=8192, help="with --samples: the context length")
     bench.add_argument("--json", action="store_true", help="last line of stdout is one JSON object")
     bench.set_defaults(run=run_bench)
     return parser

@@ -177,3 +177,103 @@ def measure_lora_cost(name: str, rank: int = 16, group_size: int = 128, new_toke
     return {"model": name, "gpu": torch.cuda.get_device_name(device), "lora_rank": rank,
             "projections": len(LORA_PROJECTIONS), "decode_tok_s_without": round(without, 1),
             "decode_tok_s_with": round(with_lora, 1), "cost_pct": round((1 - with_lora / without) * 100, 1)}
+
+
+def measure_samples(loaded: LoadedModel, counts, context: int, steps: int = 32, runs: int = 3) -> dict:
+    """Decode step time with n samples continuing one shared context, for each n in `counts`: shared-prefix
+    (bifurcated) attention, against a replicated cache that copies the context's keys and values for every
+    sample, in the same run. The samples' last step is at position `context`; "OOM" where a run does not fit."""
+    if not steps < context <= loaded.max_seq_len:
+        raise ValueError(f"--ctx must be above {steps} and at most the model's context of {loaded.max_seq_len}")
+    shared = context - steps
+    prompt = torch.randint(0, loaded.config.vocab_size, (shared,), generator=torch.Generator().manual_seed(0))
+    Generator(loaded, use_graphs=False).prefill(prompt.tolist())
+    cuda = loaded.device.type == "cuda"
+    result = {"model": loaded.name, "device": torch.cuda.get_device_name(loaded.device) if cuda else "cpu",
+              "context": context, "shared_tokens": shared, "steps": steps, "step_ms": {}, "peak_gb": {}}
+    for label, step_seconds in (("bifurcated", _bifurcated_step_seconds), ("replicated", _replicated_step_seconds)):
+        measured = {str(count): _unless_oom(step_seconds, loaded, shared, count, steps, runs) for count in counts}
+        result["step_ms"][label] = {count: ms for count, (ms, _) in measured.items()}
+        result["peak_gb"][label] = {count: gb for count, (_, gb) in measured.items()}
+    bifurcated = result["step_ms"]["bifurcated"]
+    if isinstance(bifurcated.get("1"), float):
+        result["bifurcated_vs_1"] = {n: round(ms / bifurcated["1"], 2) for n, ms in bifurcated.items()
+                                     if isinstance(ms, float)}
+    return result
+
+
+def _unless_oom(step_seconds, loaded: LoadedModel, *args) -> tuple[float | str, float | None]:
+    """Milliseconds per step, or "OOM", and the peak GB of GPU memory allocated (None on the CPU)."""
+    cuda = loaded.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(loaded.device)
+    try:
+        ms = round(step_seconds(loaded, *args) * 1000, 3)
+    except torch.cuda.OutOfMemoryError:
+        ms = "OOM"
+    # The failed run's tensors went with its frames at the end of the except clause: hand their memory back.
+    torch.cuda.empty_cache()
+    return ms, round(torch.cuda.max_memory_allocated(loaded.device) / 1e9, 2) if cuda else None
+
+
+def _median_step_seconds(run, device: torch.device, steps: int, runs: int) -> float:
+    """Median over `runs` of `run()`'s time per step, after one warm-up run (which captures the graphs)."""
+    times = []
+    for attempt in range(runs + 1):
+        _sync(device)
+        started = time.perf_counter()
+        run()
+        _sync(device)
+        if attempt:
+            times.append((time.perf_counter() - started) / steps)
+    return statistics.median(times)
+
+
+def _bifurcated_step_seconds(loaded: LoadedModel, shared: int, samples: int, steps: int, runs: int) -> float:
+    from .parallel import SharedPrefixDecoder
+
+    decoder = SharedPrefixDecoder(loaded)
+    tokens = torch.zeros(samples, dtype=torch.long, device=loaded.device)
+
+    def run():
+        decoder.start(shared, samples, steps)
+        for _ in range(steps):
+            decoder.step(tokens)
+
+    return _median_step_seconds(run, loaded.device, steps, runs)
+
+
+@torch.inference_mode()
+def _replicated_step_seconds(loaded: LoadedModel, shared: int, samples: int, steps: int, runs: int) -> float:
+    """The same decode steps with the model's own attention over a batch cache: the context copied per sample."""
+    from .cache import KVCache
+    from .parallel import capture_graph
+
+    model, config = loaded.model, loaded.config
+    contexts = [layer.self_attn.cache for layer in model.layers]
+    length = shared + steps
+    tokens = torch.zeros(samples, 1, dtype=torch.long, device=loaded.device)
+    position = torch.full((1,), shared, dtype=torch.long, device=loaded.device)
+    try:
+        for layer, context in zip(model.layers, contexts):
+            cache = KVCache(config.num_kv_heads, config.head_dim, length, loaded.dtype, context.keys.device, samples)
+            cache.keys[:, :, :shared] = context.keys[:, :, :shared]
+            cache.values[:, :, :shared] = context.values[:, :, :shared]
+            layer.self_attn.cache = cache
+
+        def step():
+            return model.step(tokens, position, length)
+
+        if loaded.device.type == "cuda" and len(model.segments) == 1:
+            graph, _ = capture_graph(step, loaded.device)
+            step = graph.replay
+
+        def run():
+            for t in range(steps):
+                position.fill_(shared + t)
+                step()
+
+        return _median_step_seconds(run, loaded.device, steps, runs)
+    finally:
+        for layer, context in zip(model.layers, contexts):
+            layer.self_attn.cache = context

@@ -2,6 +2,8 @@
 
 Positions are owned by the caller (the generator), which tracks which tokens the cache holds; rewinding
 is just writing at an earlier position, since attention only reads slots at or before a query's position.
+Each cache decides how attention over it runs (`attend`): SharedPrefixCache lets n parallel samples read
+the context they share once per step.
 """
 
 from __future__ import annotations
@@ -10,14 +12,14 @@ import torch
 
 
 class KVCache:
-    def __init__(self, kv_heads: int, head_dim: int, max_seq_len: int, dtype: torch.dtype, device):
-        shape = (1, kv_heads, max_seq_len, head_dim)
+    def __init__(self, kv_heads: int, head_dim: int, max_seq_len: int, dtype: torch.dtype, device, batch: int = 1):
+        shape = (batch, kv_heads, max_seq_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq_len = max_seq_len
 
     def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cache_len: int):
-        """Store k, v [1, kv_heads, length, head_dim] at `positions`; return the first cache_len slots."""
+        """Store k, v [batch, kv_heads, length, head_dim] at `positions`; return the first cache_len slots."""
         if cache_len > self.max_seq_len:
             raise ValueError(f"the KV cache holds {self.max_seq_len} positions; {cache_len} do not fit")
         self.keys.index_copy_(2, positions, k)
@@ -39,8 +41,97 @@ def grouped_attention(q, keys, values, bias: torch.Tensor) -> torch.Tensor:
     batch, heads, length, head_dim = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype == torch.float16 and length > 1:
+        # CPU float16 batched products are slow; over a prompt they are worth a float32 copy.
+        q, keys, values = q.float(), keys.float(), values.float()
     # Query head h uses KV head h // group, so a view puts each group's queries next to its keys.
     grouped = q.reshape(batch, kv_heads, group * length, head_dim)
     scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * head_dim**-0.5
     weights = torch.softmax(scores + bias.repeat(group, 1), dim=-1).to(values.dtype)
-    return torch.matmul(weights, values).view(batch, heads, length, head_dim)
+    return torch.matmul(weights, values).view(batch, heads, length, head_dim).to(dtype)
+
+
+class SharedPrefixCache:
+    """The KV cache of n samples that all continue one context, for bifurcated attention.
+
+    The context stays where the prefill put it, in the model's ordinary KVCache (`context`), stored once.
+    Each sample's own tokens go to its row of `keys` and `values` [rows, kv_heads, capacity, head_dim]:
+    own slot i holds position context_len + i. A decode step therefore reads the context once for all
+    samples rather than once per sample, which is what lets n samples cost little more than one.
+
+    Masks live in tensors and the number of slots a step reads is set from outside (`context_slots`,
+    `own_slots`), so a captured CUDA graph replays correctly at every position those slots cover.
+    """
+
+    def __init__(self, context: KVCache, rows: int, capacity: int):
+        _, kv_heads, max_seq_len, head_dim = context.keys.shape
+        dtype, device = context.keys.dtype, context.keys.device
+        self.context = context
+        self.keys = torch.zeros(rows, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.context_len = torch.zeros(1, dtype=torch.long, device=device)
+        # 0 where a key may be seen, -inf where not; in the model's dtype, as baddbmm adds it to the scores.
+        self.context_bias = torch.zeros(max_seq_len, dtype=dtype, device=device)
+        self.own_bias = torch.zeros(capacity, dtype=dtype, device=device)
+        self.context_slots = 0  # context slots a step reads: the context, or a larger (masked) graph bucket
+        self.own_slots = 0  # own slots a step reads, likewise
+
+    def start(self, context_len: int) -> None:
+        """Begin new samples that continue the first context_len positions of the context cache."""
+        self.context_len.fill_(context_len)
+        self.context_bias.fill_(float("-inf"))
+        self.context_bias[:context_len] = 0
+        self.own_bias.fill_(float("-inf"))  # each step opens its own slot when it writes it
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Move the samples of these rows to the first len(rows) rows, in this order."""
+        index = torch.tensor(rows, device=self.keys.device)
+        self.keys[: len(rows)] = self.keys.index_select(0, index)
+        self.values[: len(rows)] = self.values.index_select(0, index)
+
+    def attend(self, q, k, v, positions: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """One decode step of every sample: q [rows, heads, 1, head_dim], k and v [rows, kv_heads, 1, head_dim],
+        all at the one position `positions` [1]. The model's `bias` describes a single contiguous cache and
+        does not apply here: the masks come from the context length and the own slots written so far."""
+        rows = q.shape[0]
+        slot = positions - self.context_len
+        keys, values = self.keys[:rows], self.values[:rows]
+        keys.index_copy_(2, slot, k)
+        values.index_copy_(2, slot, v)
+        self.own_bias.index_fill_(0, slot, 0)
+        context, own = self.context_slots, self.own_slots
+        return bifurcated_attention(q, self.context.keys[0, :, :context], self.context.values[0, :, :context],
+                                    self.context_bias[:context], keys[:, :, :own], values[:, :, :own],
+                                    self.own_bias[:own])
+
+
+def bifurcated_attention(q, context_keys, context_values, context_bias, own_keys, own_values, own_bias):
+    """Attention of n samples, one new query each, over a context they share plus each sample's own tokens.
+
+    q [n, heads, 1, head_dim]; context keys and values [kv_heads, context, head_dim] with context_bias
+    [context]; own keys and values [n, kv_heads, own, head_dim] with own_bias [own]. A bias is 0 where a
+    key may be seen and -inf where not. The result is exact: the scores of both parts share one softmax.
+    The context is read once for all samples, because its product takes the queries of every sample (and
+    of every query head in a GQA group) as the rows of one matrix per KV head.
+    """
+    n, heads, _, head_dim = q.shape
+    kv_heads, context = context_keys.shape[:2]
+    group = heads // kv_heads
+    scale = head_dim**-0.5
+    q = q.reshape(n, kv_heads, group, head_dim)
+    shared_q = q.transpose(0, 1).reshape(kv_heads, n * group, head_dim)
+    context_scores = torch.baddbmm(context_bias, shared_q, context_keys.transpose(1, 2), alpha=scale)
+    own_keys, own_values = own_keys.flatten(0, 1), own_values.flatten(0, 1)  # [n * kv_heads, own, head_dim]
+    own_scores = torch.baddbmm(own_bias, q.reshape(n * kv_heads, group, head_dim), own_keys.transpose(1, 2),
+                               alpha=scale)
+    # Rows ordered [kv_heads, n, group], so the context's share of the weights is again one matrix per KV
+    # head. Softmax accumulates in float32 whatever the scores' dtype.
+    scores = torch.cat((context_scores.view(kv_heads, n, group, context),
+                        own_scores.view(n, kv_heads, group, -1).transpose(0, 1)), dim=-1)
+    weights = torch.softmax(scores, dim=-1)
+    context_out = torch.matmul(weights[..., :context].reshape(kv_heads, n * group, context), context_values)
+    own_weights = weights[..., context:].transpose(0, 1).reshape(n * kv_heads, group, -1)
+    own_out = torch.matmul(own_weights, own_values)
+    out = context_out.view(kv_heads, n, group, head_dim).transpose(0, 1) + own_out.view(n, kv_heads, group, head_dim)
+    return out.reshape(n, heads, 1, head_dim)

@@ -88,7 +88,7 @@ class Generator:
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds, in order
         self.cached_adapters: dict[str, float] = {}  # the adapter mix those keys and values were computed with
         graphed = use_graphs and loaded.device.type == "cuda"
-        self.graphs = GraphedDecoder(self.model, self.max_seq_len, loaded.device) if graphed else None
+        self.graphs = GraphedDecoder(self.model, self.max_seq_len) if graphed else None
 
     @torch.inference_mode()
     def _forward(self, ids: list[int], start: int) -> torch.Tensor:

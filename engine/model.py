@@ -6,6 +6,7 @@ owned by each attention layer and written at the positions the caller passes in.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from .cache import KVCache
 from .cuda import fused
 from .config import ModelConfig
 from .errors import ModelError
-from .quant import Q4Linear
+from .quant import Q4Linear, dense_matmul
 
 
 class DenseLinear(nn.Module):
@@ -30,7 +31,7 @@ class DenseLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return dense_matmul(x, self.weight)
 
 
 def as_linear(weight) -> nn.Module:
@@ -183,11 +184,6 @@ class Transformer(nn.Module):
         self.rope = {s.device: (angles.cos().to(s.device, dtype), angles.sin().to(s.device, dtype))
                      for s in self.segments}
 
-    @property
-    def output_device(self) -> torch.device:
-        """Where the logits come out: the last segment's device."""
-        return self.norm.weight.device
-
     def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor:
         """Logits (float32) for tokens [batch, length] placed at positions start.., writing the KV cache."""
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
@@ -201,7 +197,8 @@ class Transformer(nn.Module):
         """
         x = tokens
         for index, segment in enumerate(self.segments):
-            x = self.run_segment(index, x.to(segment.device), positions.to(segment.device), cache_len, last_only)
+            with current_device(segment.device):
+                x = self.run_segment(index, x.to(segment.device), positions.to(segment.device), cache_len, last_only)
         return x
 
     def run_segment(self, index: int, x, positions: torch.Tensor, cache_len: int, last_only: bool = True):
@@ -228,6 +225,12 @@ class Transformer(nn.Module):
 class Segment:
     device: torch.device
     layers: range
+
+
+def current_device(device: torch.device):
+    """Make `device` the current CUDA device for a block of code: Triton launches its kernels there, whatever
+    device their tensors are on. Nothing to do on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def segments_of(devices: list[torch.device]) -> list[Segment]:

@@ -13,6 +13,7 @@ from .errors import ModelError
 from .loader import LoadedModel, prepare_linears
 from .model import Transformer
 from .quant import Q4Linear
+from .split import Footprint, WeightShape, gpu_budgets, plan_split
 
 SHAPES = {
     "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
@@ -31,8 +32,27 @@ def synthetic_config(name: str) -> ModelConfig:
     return ModelConfig(head_dim=shape["hidden_size"] // shape["num_heads"], max_position_embeddings=8192, **shape)
 
 
+def weight_shapes(config: ModelConfig, bits: int | None = 4, group_size: int = 128) -> dict[str, WeightShape]:
+    """Every weight of the synthetic model and its form on the GPU; group_size <= 0 means one group per column."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    q_out, kv_out = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    linears = {"self_attn.q_proj": (q_out, hidden), "self_attn.k_proj": (kv_out, hidden),
+               "self_attn.v_proj": (kv_out, hidden), "self_attn.o_proj": (hidden, q_out),
+               "mlp.gate_proj": (inner, hidden), "mlp.up_proj": (inner, hidden), "mlp.down_proj": (hidden, inner)}
+    shapes = {"model.embed_tokens.weight": WeightShape((config.vocab_size, hidden)),
+              "lm_head.weight": WeightShape((config.vocab_size, hidden)),
+              "model.norm.weight": WeightShape((hidden,))}
+    for i in range(config.num_layers):
+        prefix = f"model.layers.{i}."
+        shapes[prefix + "input_layernorm.weight"] = WeightShape((hidden,))
+        shapes[prefix + "post_attention_layernorm.weight"] = WeightShape((hidden,))
+        for part, (out_features, in_features) in linears.items():
+            group = (group_size if group_size > 0 else in_features) if bits == 4 else 0
+            shapes[f"{prefix}{part}.weight"] = WeightShape((out_features, in_features), group)
+    return shapes
+
+
 def _random_q4(out_features: int, in_features: int, group_size: int, device, generator) -> Q4Linear:
-    group_size = in_features if group_size <= 0 else group_size
     groups = in_features // group_size
     packed = torch.randint(-(2**31), 2**31, (in_features // 8, out_features), dtype=torch.int32, device=device,
                            generator=generator)
@@ -48,30 +68,32 @@ def _random_dense(out_features: int, in_features: int, device, generator) -> tor
 
 
 def synthetic_model(name: str, device="cuda", bits: int | None = 4, group_size: int = 128,
-                    max_seq_len: int = 8192) -> LoadedModel:
-    """A model of shape `name` with random weights: 4-bit linear layers, or float16 with bits=None."""
+                    max_seq_len: int = 8192, gpu_split: str | None = None) -> LoadedModel:
+    """A model of shape `name` with random weights: 4-bit linear layers, or float16 with bits=None.
+
+    `gpu_split` spreads the layers over the CUDA GPUs instead of using `device`, as load_model's does.
+    """
     config = synthetic_config(name)
-    device = torch.device(device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    hidden, inner = config.hidden_size, config.intermediate_size
-    q_out, kv_out = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    linears = {"self_attn.q_proj": (q_out, hidden), "self_attn.k_proj": (kv_out, hidden),
-               "self_attn.v_proj": (kv_out, hidden), "self_attn.o_proj": (hidden, q_out),
-               "mlp.gate_proj": (inner, hidden), "mlp.up_proj": (inner, hidden), "mlp.down_proj": (hidden, inner)}
-    ones = torch.ones(hidden, device=device, dtype=torch.float16)
-    weights = {"model.embed_tokens.weight": _random_dense(config.vocab_size, hidden, device, generator),
-               "lm_head.weight": _random_dense(config.vocab_size, hidden, device, generator),
-               "model.norm.weight": ones}
-    for i in range(config.num_layers):
-        prefix = f"model.layers.{i}."
-        weights[prefix + "input_layernorm.weight"] = ones
-        weights[prefix + "post_attention_layernorm.weight"] = ones
-        for part, (out_features, in_features) in linears.items():
-            weights[f"{prefix}{part}.weight"] = (
-                _random_q4(out_features, in_features, group_size, device, generator) if bits == 4
-                else _random_dense(out_features, in_features, device, generator))
+    shapes = weight_shapes(config, bits, group_size)
+    placement = None
+    if gpu_split is not None:
+        placement = plan_split(Footprint.of(config, shapes, max_seq_len), gpu_budgets(gpu_split))
+    # Every weight is drawn from one generator on one device, so a split model has the very same weights.
+    drawn_on = placement.first_device if placement else torch.device(device)
+    generator = torch.Generator(device=drawn_on).manual_seed(0)
+    weights = {}
+    for weight_name, weight in shapes.items():
+        if len(weight.shape) == 1:
+            tensor = torch.ones(weight.shape, device=drawn_on, dtype=torch.float16)
+        elif weight.group_size:
+            tensor = _random_q4(*weight.shape, weight.group_size, drawn_on, generator)
+        else:
+            tensor = _random_dense(*weight.shape, drawn_on, generator)
+        weights[weight_name] = tensor.to(placement.device_of(weight_name)) if placement else tensor
     model = Transformer(config, weights).eval()
-    prepare_linears(model, device, torch.float16)
+    prepare_linears(model, drawn_on, torch.float16)
     model.setup_cache(max_seq_len, torch.float16)
     label = f"{name} {'4-bit g' + str(group_size) if bits == 4 else 'fp16'}"
+    # As load_model's: the device of a split model is the last GPU, where the logits come out.
+    device = placement.last_device if placement else drawn_on
     return LoadedModel(label, "synthetic", config, model, None, device, torch.float16, max_seq_len)

@@ -39,6 +39,7 @@ def create_app(config: dict | None = None, model=None) -> Flask:
     app.secret_key = load_or_create_secret_key(sessions_dir / ".secret_key")
     app.extensions["session_store"] = store
     app.extensions["accounts"] = Accounts(sessions_dir / ".users.json")
+    app.extensions["model"] = model
     app.extensions["generation_worker"] = (
         GenerationWorker(model, store, app.config["CHECKPOINT_SECONDS"]) if model is not None else None
     )

@@ -2,7 +2,7 @@
 
 Every client event takes one JSON object. Its handler answers with an acknowledgement, {"ok": true, ...}
 or {"ok": false, "error": {...}}, and a refusal also arrives as a `chat_error` event, so a client may use
-either. Changes carry the revision they were based on. docs/PROTOCOL.md describes each event."""
+either. Changes carry the revision they were based on. The README's protocol section describes each event."""
 
 import logging
 
@@ -17,6 +17,10 @@ from .store import current_store
 from .worker import Job, current_worker, job_for_message
 
 log = logging.getLogger(__name__)
+
+# The most alternatives one regenerate writes at once: each has its own cache for the tokens it writes, and
+# up to about 16 a decode step costs little more than one sample's.
+MAX_SWIPES_AT_ONCE = 16
 
 
 def client_event(name: str):
@@ -109,8 +113,11 @@ def send(user, data):
 
 @client_event("regenerate")
 def regenerate(user, data):
-    """A new alternative for the last reply, kept beside the earlier ones."""
-    return _rework_last_reply(user, data, "regenerate")
+    """New alternatives for the last reply, `count` of them at once (default 1), kept beside the earlier ones."""
+    count = payload.whole_number(data, "count") if "count" in data else 1
+    if not 1 <= count <= MAX_SWIPES_AT_ONCE:
+        raise WebUIError("bad_request", f"count must be 1 to {MAX_SWIPES_AT_ONCE}.")
+    return _rework_last_reply(user, data, "regenerate", count)
 
 
 @client_event("continue")
@@ -157,12 +164,14 @@ def _change(user, data, change) -> dict:
     return {"session_id": doc["id"], "revision": doc["revision"]}
 
 
-def _rework_last_reply(user, data, kind: str) -> dict:
+def _rework_last_reply(user, data, kind: str, count: int = 1) -> dict:
     session_id, revision = payload.session_id(data), payload.revision(data)
     doc = current(user, session_id, revision)
     worker = _require_worker()
     target = operations.last_bot_message(doc)
-    return _queue(worker, Job(user, session_id, kind, doc["revision"], message_id=target["id"]))
+    if kind == "regenerate":
+        operations.check_room_for_swipes(target, count)
+    return _queue(worker, Job(user, session_id, kind, doc["revision"], message_id=target["id"], count=count))
 
 
 def _queue(worker, job: Job) -> dict:

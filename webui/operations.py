@@ -50,13 +50,21 @@ def last_bot_message(doc: dict) -> dict:
     return doc["messages"][-1]
 
 
-def add_swipe(message: dict) -> int:
-    if len(message["swipes"]) >= schema.MAX_SWIPES:
+def check_room_for_swipes(message: dict, count: int) -> None:
+    room = schema.MAX_SWIPES - len(message["swipes"])
+    if room <= 0:
         raise WebUIError(
             "invalid_operation", f"This reply already has {schema.MAX_SWIPES} alternatives; delete it to start over."
         )
-    message["swipes"].append(new_swipe())
-    message["chosen"] = len(message["swipes"]) - 1
+    if count > room:
+        raise WebUIError("invalid_operation", f"Only {room} more alternatives fit on this reply; ask for fewer.")
+
+
+def add_swipes(message: dict, count: int = 1) -> int:
+    """Append `count` empty alternatives and show the first of them; returns its index."""
+    check_room_for_swipes(message, count)
+    message["swipes"].extend(new_swipe() for _ in range(count))
+    message["chosen"] = len(message["swipes"]) - count
     return message["chosen"]
 
 

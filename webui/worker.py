@@ -1,11 +1,11 @@
 """The generation worker: one thread owns the model and writes every user's replies, one job at a time,
 first come first served.
 
-A job is what one request asks for: a reply from one bot, a multibot round, a new alternative (swipe)
-for the last reply, or more of it. While a job is queued or running its session is busy: only the worker
-writes it, and it saves the reply as it streams. Everything clients hear about jobs is broadcast while
-holding the worker's lock, so that a client joining mid-reply gets the text so far and
-then exactly the pieces that follow."""
+A job is what one request asks for: a reply from one bot, a multibot round, new alternatives (swipes)
+for the last reply (several at once share the prompt's KV cache), or more of it. While a job is queued or
+running its session is busy: only the worker writes it, and it saves the reply as it streams. Everything
+clients hear about jobs is broadcast while holding the worker's lock, so that a client joining mid-reply
+gets the text so far and then exactly the pieces that follow."""
 
 import logging
 import threading
@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 from engine.errors import ModelError
 from engine.generator import Generator
+from engine.parallel import ParallelGenerator, Sample
 from engine.sampling import SamplingSettings
 from flask import current_app
 
 from .errors import WebUIError
-from .operations import (add_message, add_swipe, bot_names, index_of, last_bot_message, new_swipe, text_of,
+from .operations import (add_message, add_swipes, bot_names, index_of, last_bot_message, new_swipe, text_of,
                          user_name)
 from .prompt import build_prompt
 from .rooms import broadcast, broadcast_session
@@ -39,6 +40,7 @@ class Job:
     revision: int  # the session's revision as last seen by this job; sent along with every event
     speaker: str | None = None  # "reply": the bot that answers
     message_id: str | None = None  # "regenerate" / "continue": the reply they work on
+    count: int = 1  # "regenerate": how many alternatives to write at once
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
@@ -77,11 +79,10 @@ class LiveReply:
     job: Job
     doc: dict
     message_id: str
-    swipe: int
+    swipes: list[int]  # the swipes being written: one, or several for a regenerate with a count
 
-    @property
-    def swipe_entry(self) -> dict:
-        return self.doc["messages"][index_of(self.doc, self.message_id)]["swipes"][self.swipe]
+    def entry(self, swipe: int) -> dict:
+        return self.doc["messages"][index_of(self.doc, self.message_id)]["swipes"][swipe]
 
 
 class GenerationWorker:
@@ -147,6 +148,7 @@ class GenerationWorker:
 
     def _serve(self) -> None:
         generator = Generator(self._model)  # owns the KV cache; only this thread may touch it
+        parallel = ParallelGenerator(generator)  # several swipes at once, over the same cache
         while True:
             self._retry_unsaved()
             with self._lock:
@@ -159,15 +161,15 @@ class GenerationWorker:
                 job.started = time.monotonic()
                 self._running = job
                 self._announce_queue()
-            self._run(job, generator)
+            self._run(job, generator, parallel)
 
-    def _run(self, job: Job, generator: Generator) -> None:
+    def _run(self, job: Job, generator: Generator, parallel: ParallelGenerator) -> None:
         reason = "done"
         try:
             if job.kind == "round":
                 self._round(job, generator)
             else:
-                self._single(job, generator)
+                self._single(job, generator, parallel)
             if job.cancel.is_set():
                 reason = "stopped"
         except (WebUIError, ModelError) as exc:
@@ -184,7 +186,7 @@ class GenerationWorker:
                 self._live = None
                 self._tell(job, "job_finished", reason=reason)
 
-    def _single(self, job: Job, generator: Generator) -> None:
+    def _single(self, job: Job, generator: Generator, parallel: ParallelGenerator) -> None:
         doc = self._store.load(job.user, job.session_id)
         if job.kind == "reply":
             self._write_reply(job, generator, doc, job.speaker)
@@ -193,7 +195,10 @@ class GenerationWorker:
         target = last_bot_message(doc)
         if target["id"] != job.message_id:
             raise WebUIError("invalid_operation", "The chat changed before the reply started; try again.")
-        self._write_reply(job, generator, doc, target["author"], target, job.kind == "continue")
+        if job.kind == "continue":
+            self._write_reply(job, generator, doc, target["author"], continued=target)
+        else:
+            self._write_swipes(job, parallel, doc, target)
 
     def _round(self, job: Job, generator: Generator) -> None:
         """Bots answer in turns the model picks; each speaks at most once; the round ends when the model
@@ -219,65 +224,100 @@ class GenerationWorker:
         options = [f"{name}:" for name in candidates]
         return generator.choose(prompt.ids, options, SamplingSettings.from_dict(doc["settings"]))
 
-    def _write_reply(self, job, generator, doc, speaker, target=None, continuing=False) -> dict:
-        """Stream one reply into the session: a new message, a new swipe of `target`, or more of
-        `target` when `continuing`. Returns the session as saved afterwards."""
-        history = doc["messages"] if target is None else doc["messages"][:-1]
-        partial = text_of(target) if continuing else None
+    def _write_reply(self, job, generator, doc, speaker, continued=None) -> dict:
+        """Stream one reply into the session: a new message, or more of `continued` (the last message's
+        shown swipe). Returns the session as saved afterwards."""
+        history = doc["messages"] if continued is None else doc["messages"][:-1]
+        partial = None if continued is None else text_of(continued)
         prompt = self._prompt(job, doc, history, speaker, partial)
-        message_id = target["id"] if target else new_message_id()
-        earlier_choice = target["chosen"] if target else None
-        if not continuing:
+        if continued is None:
+            message_id = new_message_id()
             # Room for the reply is saved before the first token, so that checkpoints have a place to go.
-            def make_room(stored: dict) -> None:
-                if target is None:
-                    add_message(stored, speaker, False, "", message_id)
-                else:
-                    add_swipe(stored["messages"][index_of(stored, message_id)])
-
-            doc = self._save(job, make_room)
+            doc = self._save(job, lambda stored: add_message(stored, speaker, False, "", message_id))
+        else:
+            message_id = continued["id"]
         swipe = doc["messages"][index_of(doc, message_id)]["chosen"]
-        live = LiveReply(job, doc, message_id, swipe)
-        with self._lock:
-            self._live = live
-            self._tell(job, "generation_started", message_id=message_id, swipe=swipe, author=speaker,
-                       text=live.swipe_entry["text"], queue_seconds=round(job.started - job.submitted, 3))
+        live = self._go_live(job, doc, message_id, [swipe], speaker)
         settings = doc["settings"]
         stream = generator.generate(
             prompt.ids, SamplingSettings.from_dict(settings), max_new_tokens=settings["max_reply_tokens"],
             stop_strings=prompt.stop_strings, stop_on_eos=True, cancel=job.cancel,
         )
-        last_checkpoint = time.monotonic()
-        for piece in stream:
-            self._append(live, piece, trim_start=not continuing)
-            if time.monotonic() - last_checkpoint >= self._checkpoint_seconds:
-                self._checkpoint(job, message_id, swipe, live.swipe_entry["text"])
-                last_checkpoint = time.monotonic()
+        self._stream(live, ((swipe, piece) for piece in stream), trim_start=continued is None)
         result = stream.result
-        text = live.swipe_entry["text"].rstrip()
-        earlier_tokens = (target["swipes"][swipe]["tokens"] or 0) if continuing else 0
+        text = live.entry(swipe)["text"].rstrip()
+        earlier_tokens = 0 if continued is None else continued["swipes"][swipe]["tokens"] or 0
 
         def finish(stored: dict) -> None:
             index = index_of(stored, message_id)
-            message = stored["messages"][index]
             if text.strip():
-                message["swipes"][swipe] = new_swipe(
+                stored["messages"][index]["swipes"][swipe] = new_swipe(
                     text, earlier_tokens + len(result.token_ids), round(result.tokens_per_second, 2)
                 )
-            elif target is None:  # an empty reply (stopped at once, or the model had nothing to say) is dropped
+            elif continued is None:  # an empty reply (stopped at once, or the model had nothing to say) is dropped
                 del stored["messages"][index]
-            elif not continuing:
-                del message["swipes"][swipe]
-                message["chosen"] = earlier_choice
 
         doc = self._save(job, finish, final=True)
+        self._announce_finished(live, [result], [bool(text.strip())])
+        return doc
+
+    def _write_swipes(self, job, parallel, doc, target) -> None:
+        """Stream job.count new alternatives of `target`, the last reply, all at once from one prompt."""
+        prompt = self._prompt(job, doc, doc["messages"][:-1], target["author"], None)
+        message_id, earlier_choice = target["id"], target["chosen"]
+        doc = self._save(job, lambda stored: add_swipes(stored["messages"][index_of(stored, message_id)], job.count))
+        first = doc["messages"][index_of(doc, message_id)]["chosen"]
+        swipes = list(range(first, first + job.count))
+        live = self._go_live(job, doc, message_id, swipes, target["author"])
+        settings = doc["settings"]
+        samples = Sample.alternatives(SamplingSettings.from_dict(settings), job.count, settings["max_reply_tokens"],
+                                      prompt.stop_strings)
+        stream = parallel.generate(prompt.ids, samples, stop_on_eos=True, cancel=job.cancel)
+        self._stream(live, ((swipes[event.index], event.text) for event in stream), trim_start=True)
+        texts = [live.entry(swipe)["text"].rstrip() for swipe in swipes]
+        kept = [bool(text.strip()) for text in texts]
+
+        def finish(stored: dict) -> None:
+            message = stored["messages"][index_of(stored, message_id)]
+            for swipe, text, result in zip(swipes, texts, stream.results):
+                message["swipes"][swipe] = new_swipe(text, len(result.token_ids), round(result.tokens_per_second, 2))
+            # Empty alternatives (stopped at once, or nothing to say) are dropped, the last first so that the
+            # indices of the others hold; the first one kept is shown.
+            for swipe, keep in reversed(list(zip(swipes, kept))):
+                if not keep:
+                    del message["swipes"][swipe]
+            message["chosen"] = first if any(kept) else earlier_choice
+
+        self._save(job, finish, final=True)
+        self._announce_finished(live, stream.results, kept)
+
+    def _go_live(self, job, doc, message_id, swipes, author) -> LiveReply:
+        """Show the swipes about to stream to clients, and to anyone who joins while they do."""
+        live = LiveReply(job, doc, message_id, swipes)
+        with self._lock:
+            self._live = live
+            for swipe in swipes:
+                self._tell(job, "generation_started", message_id=message_id, swipe=swipe, author=author,
+                           text=live.entry(swipe)["text"], queue_seconds=round(job.started - job.submitted, 3))
+        return live
+
+    def _stream(self, live: LiveReply, pieces, trim_start: bool) -> None:
+        """Append each (swipe, text piece) to the live reply, and save the text so far every few seconds."""
+        last_checkpoint = time.monotonic()
+        for swipe, piece in pieces:
+            self._append(live, swipe, piece, trim_start)
+            if time.monotonic() - last_checkpoint >= self._checkpoint_seconds:
+                self._checkpoint(live)
+                last_checkpoint = time.monotonic()
+
+    def _announce_finished(self, live: LiveReply, results, kept: list[bool]) -> None:
         with self._lock:
             self._live = None
-            self._tell(job, "generation_finished", message_id=message_id, swipe=swipe, kept=bool(text.strip()),
-                       stop_reason=result.stop_reason, tokens=len(result.token_ids),
-                       tokens_per_second=round(result.tokens_per_second, 2), prompt_tokens=result.prompt_tokens,
-                       reused_tokens=result.reused_tokens)
-        return doc
+            for swipe, result, keep in zip(live.swipes, results, kept):
+                self._tell(live.job, "generation_finished", message_id=live.message_id, swipe=swipe, kept=keep,
+                           stop_reason=result.stop_reason, tokens=len(result.token_ids),
+                           tokens_per_second=round(result.tokens_per_second, 2), prompt_tokens=result.prompt_tokens,
+                           reused_tokens=result.reused_tokens)
 
     def _prompt(self, job, doc, history, speaker, partial):
         budget = self._model.max_seq_len - doc["settings"]["max_reply_tokens"]
@@ -286,16 +326,16 @@ class GenerationWorker:
         self._keep_from[job.key] = prompt.first_message_id
         return prompt
 
-    def _append(self, live: LiveReply, piece: str, trim_start: bool) -> None:
+    def _append(self, live: LiveReply, swipe: int, piece: str, trim_start: bool) -> None:
         with self._lock:
-            entry = live.swipe_entry
+            entry = live.entry(swipe)
             if trim_start and not entry["text"]:
                 # "Name:" is followed by a space the model writes; the reply starts after it.
                 piece = piece.lstrip()
             if piece:
                 offset = len(entry["text"])
                 entry["text"] += piece
-                self._tell(live.job, "token", message_id=live.message_id, swipe=live.swipe, offset=offset, text=piece)
+                self._tell(live.job, "token", message_id=live.message_id, swipe=swipe, offset=offset, text=piece)
 
     # --- saving ------------------------------------------------------------------------------------
 
@@ -316,15 +356,19 @@ class GenerationWorker:
             broadcast_session(job.user, doc)
         return doc
 
-    def _checkpoint(self, job: Job, message_id: str, swipe: int, text: str) -> None:
-        def write_text(stored: dict) -> None:
-            stored["messages"][index_of(stored, message_id)]["swipes"][swipe]["text"] = text
+    def _checkpoint(self, live: LiveReply) -> None:
+        texts = {swipe: live.entry(swipe)["text"] for swipe in live.swipes}
+
+        def write_texts(stored: dict) -> None:
+            swipes = stored["messages"][index_of(stored, live.message_id)]["swipes"]
+            for swipe, text in texts.items():
+                swipes[swipe]["text"] = text
 
         try:
-            self._store.save_progress(job.user, job.session_id, write_text)
+            self._store.save_progress(live.job.user, live.job.session_id, write_texts)
         except WebUIError as exc:
             # The reply goes on streaming; the final save reports the problem if it lasts.
-            log.warning("could not checkpoint session %s: %s", job.session_id, exc.message)
+            log.warning("could not checkpoint session %s: %s", live.job.session_id, exc.message)
 
     def _retry_unsaved(self) -> None:
         with self._lock:
@@ -359,7 +403,8 @@ class GenerationWorker:
             return None
         reply = None
         if live is not None:
-            reply = {"message_id": live.message_id, "swipe": live.swipe, "length": len(live.swipe_entry["text"])}
+            swipes = [{"swipe": swipe, "length": len(live.entry(swipe)["text"])} for swipe in live.swipes]
+            reply = {"message_id": live.message_id, **swipes[0], "swipes": swipes}
         return {
             "job": {
                 "job_id": job.id,

@@ -1,6 +1,6 @@
 // The open chat as the server sees it: its document, the job writing in it, and the reply streaming now.
-// It follows the server's broadcasts (docs/PROTOCOL.md) and sends the user's changes, each with the
-// revision it was based on. Views listen for:
+// It follows the server's broadcasts (the protocol section of README.md) and sends the user's changes,
+// each with the revision it was based on. Views listen for:
 //   "doc"     the document changed (any part of it)
 //   "stream"  {message_id}: the streaming reply got more text
 //   "job"     the job, its queue position or the streaming target changed

@@ -94,8 +94,8 @@ export class ChatView {
   buildMessage(message, { last, busy, streaming }) {
     const swipe = message.swipes[message.chosen];
     const stats = [formatTime(swipe.time)];
-    if (swipe.tokens) stats.push(`${swipe.tokens} tokens`);
-    if (swipe.tokens_per_second) stats.push(`${swipe.tokens_per_second.toFixed(1)} tokens/s`);
+    if (swipe.tokens !== null) stats.push(`${swipe.tokens} tokens`);
+    if (swipe.tokens_per_second !== null) stats.push(`${swipe.tokens_per_second.toFixed(1)} tokens/s`);
     const body = h('div', { class: 'body markdown' });
     body.append(renderMarkdown(swipe.text));
     if (streaming) body.classList.add('streaming');
@@ -221,13 +221,14 @@ export class ChatView {
       await this.session.editMessage(editing.messageId, editing.textarea.value, revision);
       this.finishEdit();
     } catch (error) {
-      notifyError(error);
       if (error.code === 'stale_revision' && message) {
         // Keep the user's text; a second Save now knowingly replaces the other tab's version.
         editing.revision = this.session.doc.revision;
         editing.originalText = shownText(message);
-        notify('Your text is still in the editor: Save again to replace the other version, or Cancel to keep it.',
-          { kind: 'info', seconds: 20, key: 'stale-edit' });
+        notify('This message was changed in another tab or window. Your text is still in the editor: '
+          + 'Save again to replace the other version, or Cancel to keep it.', { code: error.code, seconds: 30, key: 'stale-edit' });
+      } else {
+        notifyError(error);
       }
     }
   }

@@ -9,8 +9,9 @@ const ANSWER_TIMEOUT_MS = 30000;
 
 export class Connection {
   constructor() {
-    // Same origin; the login cookie goes along with the handshake.
-    this.socket = io({ autoConnect: false, reconnectionDelayMax: 4000 });
+    // Same origin; the login cookie goes along with the handshake. The server is usually on this machine
+    // or the local network, so retrying often is cheap and brings the page back soon after a restart.
+    this.socket = io({ autoConnect: false, reconnectionDelay: 500, reconnectionDelayMax: 2000 });
     this.socket.on('disconnect', (reason) => {
       // The server closing the connection on purpose stops the client's own retries; a server that
       // restarts does this, and the page should still come back by itself.

@@ -26,6 +26,7 @@ export function $$(selector, root = document) {
 /** A textarea that grows with its text up to its CSS max-height. */
 export function autoGrow(textarea) {
   const fit = () => {
+    if (!textarea.offsetParent) return; // hidden: nothing to measure; the CSS height stands
     textarea.style.height = 'auto';
     textarea.style.height = `${textarea.scrollHeight + 2}px`;
   };

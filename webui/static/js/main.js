@@ -24,6 +24,7 @@ const fitInput = autoGrow(input);
 let me = null;
 let everConnected = false;
 let loggingIn = false;
+let sending = false; // a message is on its way; a second Enter must not send it twice
 const deletedHere = new Set();
 
 // --- starting, logging in and out -----------------------------------------------------------------
@@ -57,8 +58,10 @@ function start() {
   $('#app').hidden = false;
   $('#user-name').textContent = me.auth ? `Logged in as ${me.user}` : '';
   $('#logout-button').hidden = !me.auth;
+  $('.sidebar-foot').hidden = !me.auth;
   connection.open();
   sidebar.refresh().then(() => {
+    if (session.id) return; // a chat was opened meanwhile (a link followed while the list loaded)
     const wanted = location.hash.slice(1);
     const newest = sidebar.sessions.find((summary) => !summary.error);
     if (SESSION_ID.test(wanted)) openSession(wanted);
@@ -72,6 +75,7 @@ function loggedOut() {
   if (!me || !me.auth || loggingIn) return;
   connection.close();
   session.close();
+  sidebar.clear(); // nothing of this user's stays in the page for the next one
   history.replaceState(null, '', location.pathname);
   logIn();
 }
@@ -88,6 +92,8 @@ $('#logout-button').addEventListener('click', async () => {
   loggedOut();
 });
 
+/** The model's name and context, from GET /api/model ({name, context, device}); hidden where the server
+ *  has no such route. */
 async function showModelInfo() {
   const chip = $('#model-info');
   try {
@@ -103,8 +109,9 @@ async function showModelInfo() {
 // --- which chat is open ---------------------------------------------------------------------------
 
 async function openSession(id) {
-  history.replaceState(null, '', `#${id}`);
   closeDrawers();
+  if (id === session.id) return; // open already: opening it again would only blank it until the snapshot
+  history.replaceState(null, '', `#${id}`);
   const opening = session.open(id);
   sidebar.render();
   try {
@@ -117,6 +124,12 @@ async function openSession(id) {
     }
   }
 }
+
+// A link to another chat, or an address typed in: the part after # names the chat.
+window.addEventListener('hashchange', () => {
+  const wanted = location.hash.slice(1);
+  if (SESSION_ID.test(wanted) && wanted !== session.id && !$('#app').hidden) openSession(wanted);
+});
 
 async function branch(messageId) {
   const { session: copy } = await post(`/api/sessions/${session.id}/branch`, { message_id: messageId });
@@ -171,7 +184,8 @@ connection.on('connect_error', async () => {
       return;
     }
   }
-  notify('Cannot reach the server; retrying…', { key: 'connection', seconds: 0, code: 'offline' });
+  // After a lost connection its notice stays up while retrying; this one is for a page that never got through.
+  if (!everConnected) notify('Cannot reach the server; retrying…', { key: 'connection', seconds: 0, code: 'offline' });
 });
 
 connection.on('chat_error', (error) => {
@@ -186,7 +200,7 @@ function updateComposer() {
   const doc = session.doc;
   const ready = Boolean(doc) && connection.connected;
   input.disabled = !doc;
-  $('[data-action="send"]').disabled = !ready || session.busy;
+  $('[data-action="send"]').disabled = !ready || session.busy || sending;
   $('[data-action="stop"]').hidden = !session.busy;
   const bots = botNames(doc);
   const picker = $('#next-speaker');
@@ -221,10 +235,10 @@ function updateStats() {
   }
   chip.hidden = !stats;
   if (stats) {
-    chip.textContent = `${stats.tokens} tokens · ${stats.tokens_per_second.toFixed(1)} tokens/s`;
+    chip.textContent = `${stats.tokens_per_second.toFixed(1)} tokens/s`;
     chip.title = stats.prompt_tokens !== undefined
       ? `Last reply: ${stats.tokens} tokens at ${stats.tokens_per_second} tokens/s; prompt ${stats.prompt_tokens} tokens, ${stats.reused_tokens} of them cached; ended by ${stats.stop_reason}`
-      : 'Last reply';
+      : `Last reply: ${stats.tokens} tokens at ${stats.tokens_per_second} tokens/s`;
   }
 }
 
@@ -245,9 +259,11 @@ session.on('closed', () => {
 });
 
 async function send() {
-  if (!session.doc || session.busy) return;
+  if (!session.doc || session.busy || sending) return;
   const text = input.value;
   const speaker = $('#next-speaker').value || undefined;
+  sending = true;
+  updateComposer();
   try {
     await session.send(text, speaker);
     input.value = '';
@@ -255,6 +271,9 @@ async function send() {
     view.followLatest();
   } catch (error) {
     notifyError(error);
+  } finally {
+    sending = false;
+    updateComposer();
   }
 }
 

@@ -3,7 +3,7 @@
 // the user's input and the revision it started from, so saving over another tab's change is refused
 // (stale_revision) instead of silently undoing it.
 
-import { $, $$, autoGrow, h } from './dom.js';
+import { $, $$, h } from './dom.js';
 import { patch } from './api.js';
 import { notify, notifyError } from './notices.js';
 
@@ -23,7 +23,8 @@ const SETTINGS = [
   { name: 'max_reply_tokens', label: 'Max reply tokens', min: 1, max: 4096, step: 1 },
   { name: 'end_on_newline', label: 'End the reply at a line break', kind: 'checkbox' },
   { name: 'prompt_format', label: 'Prompt format', kind: 'select',
-    options: [['roleplay', 'Roleplay (fixed prompt, personas, Name: lines)'], ['chat_template', "The model's chat template (one bot)"]] },
+    options: [['roleplay', 'Roleplay: any number of bots'], ['chat_template', "The model's chat template: one bot"]],
+    help: 'Roleplay sends the fixed prompt, the personas and "Name: text" lines' },
 ];
 
 class SetupForm {
@@ -34,14 +35,26 @@ class SetupForm {
     this.read = read;
     this.dirty = false;
     this.revision = null;
-    form.addEventListener('input', () => { this.dirty = true; });
-    form.addEventListener('change', () => { this.dirty = true; });
+    this.status = form.querySelector('.form-status');
+    this.statusTimer = null;
+    const changed = () => {
+      this.dirty = true;
+      this.showStatus('Not saved yet');
+    };
+    form.addEventListener('input', changed);
+    form.addEventListener('change', changed);
     form.addEventListener('submit', (event) => {
       event.preventDefault();
       this.save();
     });
     session.on('doc', () => this.refresh());
     session.on('closed', () => this.refresh());
+  }
+
+  showStatus(text, seconds = 0) {
+    clearTimeout(this.statusTimer);
+    this.status.textContent = text;
+    if (seconds) this.statusTimer = setTimeout(() => { this.status.textContent = ''; }, seconds * 1000);
   }
 
   refresh(force = false) {
@@ -51,6 +64,7 @@ class SetupForm {
     this.dirty = false;
     this.revision = doc.revision;
     this.fillFields(doc);
+    if (this.status.textContent === 'Not saved yet') this.showStatus('');
   }
 
   async save() {
@@ -60,12 +74,14 @@ class SetupForm {
       this.dirty = false;
       this.session.takeDoc(answer.session);
       this.refresh(true);
-      notify('Saved.', { kind: 'info', seconds: 2, key: 'saved' });
+      this.showStatus('Saved', 4);
     } catch (error) {
-      notifyError(error);
       if (error.code === 'stale_revision') {
         this.refresh(true);
-        notify('The panel now shows the latest version; make your change again.', { kind: 'info', seconds: 15 });
+        notify('This chat was changed in another tab or window. The panel now shows the latest version; make your change again.',
+          { code: error.code, seconds: 30 });
+      } else {
+        notifyError(error);
       }
     }
   }
@@ -103,6 +119,7 @@ export class SetupPanel {
       while (taken.has(`bot ${number}`)) number += 1;
       rows.append(this.participantRow({ name: `Bot ${number}`, persona: '', is_user: false }));
       this.participants.dirty = true;
+      this.participants.showStatus('Not saved yet');
       rows.lastElementChild.querySelector('input[name="name"]').select();
     });
   }
@@ -133,17 +150,16 @@ export class SetupPanel {
           onclick: () => {
             row.remove();
             this.participants.dirty = true;
+            this.participants.showStatus('Not saved yet');
           },
         }, '×')),
-      h('textarea', { name: 'persona', rows: 2, maxlength: 4000, placeholder: 'Persona: who this is, how they talk', 'aria-label': 'Persona' }));
+      h('textarea', { name: 'persona', rows: 3, maxlength: 4000, placeholder: 'Persona: who this is, how they talk', 'aria-label': 'Persona' }));
     row.querySelector('textarea').value = participant.persona;
     return row;
   }
 
   fillParticipants(doc) {
-    const rows = $('#participant-rows');
-    rows.replaceChildren(...doc.participants.map((participant) => this.participantRow(participant)));
-    for (const textarea of $$('textarea', rows)) autoGrow(textarea);
+    $('#participant-rows').replaceChildren(...doc.participants.map((participant) => this.participantRow(participant)));
   }
 
   readParticipants() {
@@ -165,7 +181,7 @@ export class SetupPanel {
       }
       if (spec.kind === 'select') {
         control = h('select', { id, name: spec.name }, spec.options.map(([value, label]) => h('option', { value }, label)));
-        return h('label', { class: 'wide' }, spec.label, control);
+        return h('label', { class: 'wide' }, spec.label, control, h('small', { class: 'muted' }, spec.help));
       }
       control = h('input', {
         type: 'number', id, name: spec.name, step: spec.step, min: spec.min, max: spec.max,

@@ -14,7 +14,9 @@ export class Sidebar {
     this.session = session;
     this.openSession = openSession;
     this.sessions = [];
+    this.renderedFor = undefined;
     this.menuFor = null;
+    this.renderedFor = undefined; // the open chat when the list was last drawn
     this.refreshTimer = null;
     this.onDelete = () => {}; // told the id of a chat about to be deleted from here
     $('[data-action="new-session"]').addEventListener('click', () => this.create());
@@ -25,13 +27,24 @@ export class Sidebar {
   }
 
   async refresh() {
+    let sessions;
     try {
-      this.sessions = (await get('/api/sessions')).sessions;
+      sessions = (await get('/api/sessions')).sessions;
     } catch (error) {
-      if (error.code !== 'login_required') notifyError(error, { key: 'session-list' });
+      // Offline is already on show, and the list is fetched again on reconnecting.
+      if (error.code !== 'login_required' && error.code !== 'offline') notifyError(error, { key: 'session-list' });
       return;
     }
-    this.render();
+    const unchanged = JSON.stringify(sessions) === JSON.stringify(this.sessions);
+    this.sessions = sessions;
+    // Redrawing an unchanged list would close nothing but still lose hover and focus.
+    if (!unchanged || this.renderedFor !== this.session.id) this.render();
+  }
+
+  clear() {
+    this.sessions = [];
+    this.menuFor = null;
+    $('#session-list').replaceChildren();
   }
 
   refreshSoon() {
@@ -40,6 +53,7 @@ export class Sidebar {
   }
 
   render() {
+    this.renderedFor = this.session.id;
     const items = this.sessions.map((summary) => this.item(summary));
     if (!items.length) items.push(h('li', { class: 'muted empty' }, 'No chats yet.'));
     $('#session-list').replaceChildren(...items);
