@@ -1,7 +1,7 @@
 """Start the chat server, or manage its accounts.
 
-    python app.py [-d MODEL] [--gpu-split GIB,GIB|auto] [--host 127.0.0.1] [--port 5000] [--sessions-dir sessions]
-                  [--auth [--allow-register]]
+    python app.py [-d MODEL] [--gpu-split GIB,GIB|auto] [--lora [NAME=]DIR ...] [--host 127.0.0.1] [--port 5000]
+                  [--sessions-dir sessions] [--auth [--allow-register]]
     python app.py [--sessions-dir sessions] adduser NAME
 """
 
@@ -14,7 +14,7 @@ import threading
 import time
 
 import engine
-from engine.__main__ import add_gpu_split_argument
+from engine.__main__ import add_gpu_split_argument, lora_folder
 from webui import create_app
 from webui.accounts import Accounts
 from webui.errors import WebUIError
@@ -29,6 +29,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="model folder or file (default: the built-in small model)")
     parser.add_argument("--device", default=None, help="where the model runs, e.g. cpu or cuda:0 (default: cuda when available)")
     add_gpu_split_argument(parser)
+    parser.add_argument("--lora", type=lora_folder, action="append", default=[], metavar="[NAME=]DIR",
+                        help="PEFT LoRA adapter folder that chats may choose, repeatable; "
+                             "NAME defaults to the folder's name")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=5000)
     parser.add_argument("--sessions-dir", default="sessions",
@@ -64,7 +67,7 @@ def add_user(sessions_dir: str, name: str) -> int:
     return 0
 
 
-def load_model_with_progress(name: str, device: str, gpu_split: str | None):
+def load_model_with_progress(name: str, device: str, gpu_split: str | None, lora: list[tuple[str, str]]):
     """Load the model, printing the time spent every few seconds: engine.load_model reports nothing
     until it is done, and a large model takes minutes."""
     where = f"GPUs split {gpu_split}" if gpu_split else device or engine.loader.default_device()
@@ -78,10 +81,12 @@ def load_model_with_progress(name: str, device: str, gpu_split: str | None):
 
     threading.Thread(target=report_elapsed, daemon=True).start()
     try:
-        model = engine.load_model(name, device=device, gpu_split=gpu_split)
+        model = engine.load_model(name, device=device, gpu_split=gpu_split, lora=lora)
     finally:
         done.set()
     print(f"Loaded {model.name} in {time.monotonic() - started:.1f} s; context {model.max_seq_len} tokens.", flush=True)
+    if lora:
+        print(f"LoRA adapters: {', '.join(model.adapters.folders)}", flush=True)
     return model
 
 
@@ -97,7 +102,7 @@ def serve(args: argparse.Namespace) -> int:
         print("--allow-register only makes sense with --auth.", file=sys.stderr)
         return 2
     try:
-        model = load_model_with_progress(args.model, args.device, args.gpu_split)
+        model = load_model_with_progress(args.model, args.device, args.gpu_split, args.lora)
     except engine.ModelError as exc:
         print(exc, file=sys.stderr)
         return 1

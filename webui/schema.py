@@ -3,9 +3,9 @@ stored, whether it comes from a user's change, an import, or a file read back fr
 
 A session file looks like this (schema 1):
     {"schema": 1, "id": "<32 hex>", "title": str, "created": iso, "updated": iso, "revision": int,
-     "participants": [{"name", "persona", "is_user"}],
+     "participants": [{"name", "persona", "is_user", optional "adapter"}],
      "fixed_prompt": str, "keep_fixed_prompt": bool,
-     "settings": {samplers..., "max_reply_tokens", "end_on_newline", "prompt_format"},
+     "settings": {samplers..., "max_reply_tokens", "end_on_newline", "prompt_format", "adapter"},
      "messages": [{"id", "author", "is_user", "chosen",
                    "swipes": [{"text", "time", "tokens", "tokens_per_second"}]}]}
 Each message keeps its alternatives (swipes) with their own text and statistics; `chosen` picks the one
@@ -26,6 +26,7 @@ MAX_FIXED_PROMPT = 20_000
 MAX_MESSAGE = 20_000
 MAX_PARTICIPANTS = 12
 MAX_SWIPES = 100
+MAX_ADAPTER_NAME = 64
 
 SESSION_ID = re.compile(r"[0-9a-f]{32}")
 MESSAGE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -51,6 +52,9 @@ SETTINGS = {
     "max_reply_tokens": (int, 1, 4096, 300),
     "end_on_newline": (bool, None, None, False),
     "prompt_format": (str, None, None, "roleplay"),
+    # The LoRA adapter bots speak with unless their participant names another; None is the base model.
+    # Only the form is checked here: which adapters exist depends on the server's --lora options.
+    "adapter": (str, None, None, None),
 }
 
 
@@ -113,8 +117,8 @@ def check_participants(value) -> list[dict]:
         raise SchemaError(f"A session can have at most {MAX_PARTICIPANTS} participants.")
     participants, seen = [], set()
     for entry in value:
-        if not isinstance(entry, dict) or set(entry) - {"name", "persona", "is_user"}:
-            raise SchemaError("Each participant must be an object with name, persona and is_user.")
+        if not isinstance(entry, dict) or set(entry) - {"name", "persona", "is_user", "adapter"}:
+            raise SchemaError("Each participant must be an object with name, persona, is_user and an optional adapter.")
         name = check_text(entry.get("name"), "A participant's name", MAX_NAME, allow_empty=False).strip()
         if not PARTICIPANT_NAME.fullmatch(name):
             raise SchemaError(f"The name {name!r} must not contain a colon or a line break.")
@@ -125,10 +129,22 @@ def check_participants(value) -> list[dict]:
         is_user = entry.get("is_user", False)
         if not isinstance(is_user, bool):
             raise SchemaError(f"is_user of {name} must be true or false.")
-        participants.append({"name": name, "persona": persona, "is_user": is_user})
+        participant = {"name": name, "persona": persona, "is_user": is_user}
+        # Stored only when set, so that files written before adapters existed read back unchanged.
+        adapter = check_adapter(entry.get("adapter"), f"The adapter of {name}")
+        if adapter is not None:
+            participant["adapter"] = adapter
+        participants.append(participant)
     if sum(p["is_user"] for p in participants) != 1:
         raise SchemaError("Exactly one participant must be the user (is_user: true).")
     return participants
+
+
+def check_adapter(value, field: str) -> str | None:
+    """A LoRA adapter's name, or None for the default."""
+    if value is None:
+        return None
+    return check_text(value, field, MAX_ADAPTER_NAME, allow_empty=False)
 
 
 def check_settings(value, base: dict | None = None) -> dict:
@@ -152,6 +168,8 @@ def _check_setting(name, raw, kind, low, high, default):
         if not isinstance(raw, bool):
             raise SchemaError(f"Setting {name} must be true or false.")
         return raw
+    if name == "adapter":
+        return check_adapter(raw, "Setting adapter")
     if kind is str:
         if raw not in PROMPT_FORMATS:
             raise SchemaError(f"Setting {name} must be one of {', '.join(PROMPT_FORMATS)}.")

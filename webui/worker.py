@@ -220,15 +220,18 @@ class GenerationWorker:
             spoken.append(speaker)
 
     def _pick(self, job, generator, doc, candidates) -> int:
+        # Nobody speaks yet, so the session's default adapter judges who should.
+        adapters = self._adapters(doc, None)
         prompt = self._prompt(job, doc, doc["messages"], None, None)
         options = [f"{name}:" for name in candidates]
-        return generator.choose(prompt.ids, options, SamplingSettings.from_dict(doc["settings"]))
+        return generator.choose(prompt.ids, options, SamplingSettings.from_dict(doc["settings"]), adapters=adapters)
 
     def _write_reply(self, job, generator, doc, speaker, continued=None) -> dict:
         """Stream one reply into the session: a new message, or more of `continued` (the last message's
         shown swipe). Returns the session as saved afterwards."""
         history = doc["messages"] if continued is None else doc["messages"][:-1]
         partial = None if continued is None else text_of(continued)
+        adapters = self._adapters(doc, speaker)
         prompt = self._prompt(job, doc, history, speaker, partial)
         if continued is None:
             message_id = new_message_id()
@@ -241,7 +244,7 @@ class GenerationWorker:
         settings = doc["settings"]
         stream = generator.generate(
             prompt.ids, SamplingSettings.from_dict(settings), max_new_tokens=settings["max_reply_tokens"],
-            stop_strings=prompt.stop_strings, stop_on_eos=True, cancel=job.cancel,
+            stop_strings=prompt.stop_strings, stop_on_eos=True, cancel=job.cancel, adapters=adapters,
         )
         self._stream(live, ((swipe, piece) for piece in stream), trim_start=continued is None)
         result = stream.result
@@ -263,6 +266,7 @@ class GenerationWorker:
 
     def _write_swipes(self, job, parallel, doc, target) -> None:
         """Stream job.count new alternatives of `target`, the last reply, all at once from one prompt."""
+        adapters = self._adapters(doc, target["author"])
         prompt = self._prompt(job, doc, doc["messages"][:-1], target["author"], None)
         message_id, earlier_choice = target["id"], target["chosen"]
         doc = self._save(job, lambda stored: add_swipes(stored["messages"][index_of(stored, message_id)], job.count))
@@ -272,7 +276,7 @@ class GenerationWorker:
         settings = doc["settings"]
         samples = Sample.alternatives(SamplingSettings.from_dict(settings), job.count, settings["max_reply_tokens"],
                                       prompt.stop_strings)
-        stream = parallel.generate(prompt.ids, samples, stop_on_eos=True, cancel=job.cancel)
+        stream = parallel.generate(prompt.ids, samples, stop_on_eos=True, cancel=job.cancel, adapters=adapters)
         self._stream(live, ((swipes[event.index], event.text) for event in stream), trim_start=True)
         texts = [live.entry(swipe)["text"].rstrip() for swipe in swipes]
         kept = [bool(text.strip()) for text in texts]
@@ -318,6 +322,22 @@ class GenerationWorker:
                            stop_reason=result.stop_reason, tokens=len(result.token_ids),
                            tokens_per_second=round(result.tokens_per_second, 2), prompt_tokens=result.prompt_tokens,
                            reused_tokens=result.reused_tokens)
+
+    def _adapters(self, doc, speaker) -> dict[str, float] | None:
+        """The adapter mix `speaker` talks with: its own adapter, else the session's default, else none
+        (speaker None: the default). Checked before anything is written, so that a name this server did
+        not load leaves the session as it was."""
+        own = next((p.get("adapter") for p in doc["participants"] if p["name"] == speaker), None)
+        name = own or doc["settings"]["adapter"]
+        if name is None:
+            return None
+        loaded = list(self._model.adapters.folders)
+        if name not in loaded:
+            offer = (f"pick one of {', '.join(loaded)} or none" if loaded
+                     else "this server runs without adapters (start it with --lora NAME=DIR), so pick none")
+            raise WebUIError("invalid_operation", f"No LoRA adapter named {name!r} is loaded; {offer} in the "
+                                                  "session's setup.")
+        return {name: 1.0}
 
     def _prompt(self, job, doc, history, speaker, partial):
         budget = self._model.max_seq_len - doc["settings"]["max_reply_tokens"]

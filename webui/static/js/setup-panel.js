@@ -1,10 +1,10 @@
-// The setup panel: participants (names, personas, who is the user), generation settings and the fixed
-// prompt. Each form shows the session as it is until the user starts changing it; from then on it keeps
+// The setup panel: participants (names, personas, who is the user, which LoRA adapter a bot speaks with),
+// generation settings and the fixed prompt. Each form shows the session as it is until the user starts changing it; from then on it keeps
 // the user's input and the revision it started from, so saving over another tab's change is refused
 // (stale_revision) instead of silently undoing it.
 
 import { $, $$, h } from './dom.js';
-import { patch } from './api.js';
+import { get, patch } from './api.js';
 import { notify, notifyError } from './notices.js';
 
 // Every generation setting the server knows (webui/schema.py SETTINGS), with what the user sees.
@@ -26,6 +26,19 @@ const SETTINGS = [
     options: [['roleplay', 'Roleplay: any number of bots'], ['chat_template', "The model's chat template: one bot"]],
     help: 'Roleplay sends the fixed prompt, the personas and "Name: text" lines' },
 ];
+
+/**
+ * Fill an adapter select: `noneLabel` (no adapter of its own), every adapter the server loaded, and the
+ * current choice even when this server did not load it, so that saving never drops it unseen. Hidden while
+ * there is nothing to choose.
+ */
+function fillAdapterSelect(select, names, current) {
+  const options = [['', select.dataset.none], ...names.map((name) => [name, name])];
+  if (current && !names.includes(current)) options.push([current, `${current} (not loaded)`]);
+  select.replaceChildren(...options.map(([value, label]) => h('option', { value }, label)));
+  select.value = current || '';
+  select.closest('label').hidden = !names.length && !current;
+}
 
 class SetupForm {
   constructor(session, form, { fill, read }) {
@@ -91,6 +104,7 @@ export class SetupPanel {
   constructor(session) {
     this.session = session;
     this.panel = $('#setup');
+    this.adapters = []; // the LoRA adapters the server loaded, from GET /api/model
     for (const tab of $$('[data-tab]', this.panel)) tab.addEventListener('click', () => this.showTab(tab.dataset.tab));
     this.buildSettingsFields();
     this.participants = new SetupForm(session, $('#participants-form'), {
@@ -122,6 +136,16 @@ export class SetupPanel {
       this.participants.showStatus('Not saved yet');
       rows.lastElementChild.querySelector('input[name="name"]').select();
     });
+    this.loadAdapters();
+  }
+
+  async loadAdapters() {
+    try {
+      this.adapters = (await get('/api/model')).adapters || [];
+    } catch {
+      return; // no model, or an older server: there are no adapters to offer
+    }
+    for (const select of $$('select[name="adapter"]', this.panel)) fillAdapterSelect(select, this.adapters, select.value);
   }
 
   get open() {
@@ -153,8 +177,11 @@ export class SetupPanel {
             this.participants.showStatus('Not saved yet');
           },
         }, '×')),
-      h('textarea', { name: 'persona', rows: 3, maxlength: 4000, placeholder: 'Persona: who this is, how they talk', 'aria-label': 'Persona' }));
+      h('textarea', { name: 'persona', rows: 3, maxlength: 4000, placeholder: 'Persona: who this is, how they talk', 'aria-label': 'Persona' }),
+      h('label', { class: 'wide', title: 'The LoRA adapter this bot speaks with' }, 'Adapter',
+        h('select', { name: 'adapter', dataset: { none: 'The session default' } })));
     row.querySelector('textarea').value = participant.persona;
+    fillAdapterSelect(row.querySelector('select[name="adapter"]'), this.adapters, participant.adapter);
     return row;
   }
 
@@ -167,6 +194,7 @@ export class SetupPanel {
       name: row.querySelector('input[name="name"]').value.trim(),
       persona: row.querySelector('textarea').value,
       is_user: row.querySelector('input[type="radio"]').checked,
+      adapter: row.querySelector('select[name="adapter"]').value || null,
     }));
   }
 
@@ -189,6 +217,9 @@ export class SetupPanel {
       });
       return h('label', { title: spec.help || '' }, spec.label, control, spec.help ? h('small', { class: 'muted' }, spec.help) : null);
     });
+    fields.push(h('label', { class: 'wide', hidden: true }, 'LoRA adapter',
+      h('select', { id: 'setting-adapter', name: 'adapter', dataset: { none: 'None: the model as it is' } }),
+      h('small', { class: 'muted' }, "What the bots speak with, unless a bot's own adapter says otherwise")));
     $('#settings-fields').replaceChildren(...fields);
   }
 
@@ -200,6 +231,7 @@ export class SetupPanel {
       if (spec.kind === 'checkbox') control.checked = Boolean(value);
       else control.value = value === null || value === undefined ? '' : String(value);
     }
+    fillAdapterSelect(form.elements.adapter, this.adapters, doc.settings.adapter);
   }
 
   readSettings() {
@@ -211,6 +243,7 @@ export class SetupPanel {
       else if (spec.kind === 'select') settings[spec.name] = control.value;
       else settings[spec.name] = control.value.trim() === '' ? null : Number(control.value);
     }
+    settings.adapter = form.elements.adapter.value || null;
     return settings;
   }
 }
