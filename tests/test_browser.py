@@ -28,6 +28,8 @@ FAST = {"max_reply_tokens": 16}
 LONG = {"max_reply_tokens": 200, "seed": 1, "prompt_format": "chat_template"}
 STORY = {**LONG, "max_reply_tokens": 400}  # for replies that a test stops long before they end
 LONG_PROMPT = "Write a long story about a dragon, at least ten paragraphs."
+# Several swipes written at once: seeded, so each of them differs from the others the same way every run.
+PARALLEL = {"max_reply_tokens": 24, "seed": 5}
 
 # The machine is shared and slow: waits are generous, and every wait is for something to happen.
 expect.set_options(timeout=45_000)
@@ -181,6 +183,11 @@ def squash(text):
     return " ".join(text.split())
 
 
+def as_words(text):
+    """The words of a text, without Markdown's marks: rendered Markdown and its source agree on these."""
+    return squash(re.sub(r"[*_`#>~|\\-]", " ", text))
+
+
 def at_bottom(tab):
     return tab.evaluate("() => { const m = document.querySelector('#messages');"
                         " return m.scrollHeight - m.scrollTop - m.clientHeight < 48; }")
@@ -253,7 +260,7 @@ def test_new_chat_settings_and_a_streamed_reply(tab, chat_server):
     expect(tab.locator("#job-status")).to_be_hidden()
     expect(tab.locator(f'#session-list [data-id="{session_id}"] .meta')).to_contain_text("2 msg")
     doc = get_session(tab, session_id)
-    assert squash(message(tab, 1).locator(".body").inner_text()) == squash(text_of(doc, 1))
+    assert as_words(message(tab, 1).locator(".body").inner_text()) == as_words(text_of(doc, 1))
     assert tab.locator("#message-input").input_value() == ""
     shot(tab, "desktop-chat")
 
@@ -424,6 +431,59 @@ def test_regenerate_swipe_and_branch(tab, chat_server):
     assert branch_id != session["id"]
     assert len(get_session(tab, branch_id)["messages"]) == 1
     assert len(get_session(tab, session["id"])["messages"][1]["swipes"]) == 3
+
+
+def test_several_swipes_at_once_stream_side_by_side(tab, chat_server):
+    session = create_session(tab, chat_server, settings=PARALLEL)
+    open_chat(tab, chat_server, session["id"])
+    send(tab, "Tell me about the sea.")
+    wait_idle(tab, 1)
+    bot = tab.locator("#message-list .message.bot").last
+    expect(bot.locator(".swipe-count")).to_have_text("1/1")
+    original = squash(bot.locator(".body").inner_text())
+    # Every state of the reply while it streams: which swipe is shown, and its text.
+    tab.evaluate("""() => {
+        window.liveSeen = [];
+        new MutationObserver(() => {
+            const live = document.querySelector('.message.live');
+            if (live) window.liveSeen.push([live.querySelector('.swipe-count').textContent, live.querySelector('.body').textContent]);
+        }).observe(document.querySelector('#message-list'), {subtree: true, childList: true, characterData: true});
+    }""")
+
+    # Three at once, asked for from the keyboard: the number, then Enter.
+    field = bot.get_by_role("spinbutton", name="How many alternatives to write at once")
+    field.fill("3")
+    expect(bot.get_by_role("button", name="Write 3 alternatives at once", exact=True)).to_have_text("×3")
+    field.press("Enter")
+    # The three empty swipes come at once and the first is shown; the others can be flipped to as they grow.
+    expect(bot.locator(".swipe-count")).to_have_text("2/4")
+    bot.get_by_role("button", name="Next alternative", exact=True).click()
+    expect(bot.locator(".swipe-count")).to_have_text("3/4")
+    bot.get_by_role("button", name="Next alternative", exact=True).click()
+    expect(bot.locator(".swipe-count")).to_have_text("4/4")
+    wait_idle(tab, 1)
+
+    # The swipe shown as they ended stays shown, now as the session's choice.
+    expect(bot.locator(".swipe-count")).to_have_text("4/4")
+    doc = get_session(tab, session["id"])
+    swipes = [squash(swipe["text"]) for swipe in doc["messages"][1]["swipes"]]
+    assert (len(swipes), doc["messages"][1]["chosen"]) == (4, 3)
+    assert swipes[0] == original and all(swipes) and len(set(swipes[1:])) == 3
+    # While they streamed, a swipe flipped to showed its own text growing, not the first new one's.
+    seen = [(int(count.split("/")[0]), squash(text)) for count, text in tab.evaluate("window.liveSeen") if text.strip()]
+    assert any(shown > 2 for shown, _ in seen)
+    assert all(swipes[shown - 1].startswith(text) for shown, text in seen)
+    shot(tab, "desktop-parallel-swipes")
+
+    # After a reload they are ordinary swipes.
+    tab.reload()
+    bot = tab.locator("#message-list .message.bot").last
+    expect(bot.locator(".swipe-count")).to_have_text("4/4")
+    for number in (3, 2, 1):
+        bot.get_by_role("button", name="Previous alternative", exact=True).click()
+        expect(bot.locator(".swipe-count")).to_have_text(f"{number}/4")
+        assert squash(bot.locator(".body").inner_text()) == swipes[number - 1]
+    assert get_session(tab, session["id"])["messages"][1]["chosen"] == 0
 
 
 def test_stop_continue_and_auto_scroll(tab, chat_server):

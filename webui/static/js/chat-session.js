@@ -2,10 +2,12 @@
 // It follows the server's broadcasts (the protocol section of README.md) and sends the user's changes,
 // each with the revision it was based on. Views listen for:
 //   "doc"     the document changed (any part of it)
-//   "stream"  {message_id}: the streaming reply got more text
+//   "stream"  {message_id}: the streaming reply got more text (in any of its swipes)
 //   "job"     the job, its queue position or the streaming target changed
 //   "stats"   a reply finished (this.lastReply)
 //   "closed"  {reason}: the session went away ("deleted") or was closed by the page
+// A regenerate with a count streams several swipes of one message at once. The server takes no choice of
+// swipe while they stream, so flipping between them is held here (`peek`) and asked for when the job ends.
 
 export class ChatSession {
   constructor(connection) {
@@ -34,7 +36,9 @@ export class ChatSession {
     this.id = id;
     this.doc = null;
     this.job = null; // {job_id, state: "queued" | "running", ahead}
-    this.live = null; // {message_id, swipe, author}: the reply streaming now
+    this.live = null; // {message_id, swipes: Set of swipe indices, author}: the reply streaming now
+    this.peek = null; // {message_id, swipe}: the streaming swipe the user flipped to, shown instead of `chosen`
+    this.removed = []; // indices of swipes this job removed for being empty: later indices move down
     this.lastReply = null; // the statistics of the last reply finished while watching
   }
 
@@ -83,8 +87,14 @@ export class ChatSession {
   onSnapshot({ session, job }) {
     this.doc = session;
     this.job = job ? { job_id: job.job_id, state: job.state, ahead: job.ahead } : null;
-    this.live = job && job.reply ? { message_id: job.reply.message_id, swipe: job.reply.swipe, author: null } : null;
-    if (this.live) this.live.author = this.message(this.live.message_id)?.author ?? null;
+    this.peek = null;
+    this.removed = [];
+    const reply = job && job.reply;
+    this.live = reply ? {
+      message_id: reply.message_id,
+      swipes: new Set((reply.swipes || [reply]).map((entry) => entry.swipe)),
+      author: this.message(reply.message_id)?.author ?? null,
+    } : null;
     this.emit('doc');
     this.emit('job');
   }
@@ -103,7 +113,9 @@ export class ChatSession {
 
   onGenerationStarted({ job_id, message_id, swipe, author, text }) {
     this.job = { job_id, state: 'running', ahead: 0 };
-    this.live = { message_id, swipe, author };
+    // The swipes of one regenerate start one after another on the same message and stream side by side.
+    if (this.live && this.live.message_id === message_id) this.live.swipes.add(swipe);
+    else this.live = { message_id, swipes: new Set([swipe]), author };
     const entry = this.swipeEntry(message_id, swipe);
     if (entry) entry.text = text;
     this.emit('job');
@@ -124,7 +136,9 @@ export class ChatSession {
 
   onGenerationFinished(data) {
     this.lastReply = data;
-    this.live = null;
+    if (data.kept === false) this.removed.push(data.swipe);
+    if (this.live && this.live.message_id === data.message_id) this.live.swipes.delete(data.swipe);
+    if (this.live && !this.live.swipes.size) this.live = null;
     this.emit('stats');
     this.emit('job');
   }
@@ -132,10 +146,31 @@ export class ChatSession {
   onJobFinished({ job_id }) {
     this.finishedJobs.add(job_id);
     if (this.job && this.job.job_id === job_id) {
+      const peek = this.settledPeek();
       this.job = null;
       this.live = null;
+      this.peek = peek;
+      this.removed = [];
       this.emit('job');
+      // The swipe the user was reading as the job ended stays shown, now as the session's choice; until the
+      // server has it the peek holds it on screen.
+      if (peek) this.chooseSwipe(peek.message_id, peek.swipe).catch(() => {}).finally(() => this.dropPeek(peek));
     }
+  }
+
+  dropPeek(peek) {
+    if (this.peek !== peek) return;
+    this.peek = null;
+    this.emit('doc');
+  }
+
+  /** The peeked swipe under its index after the job's empty swipes were removed; null if it went too. */
+  settledPeek() {
+    const peek = this.peek;
+    if (!peek || this.removed.includes(peek.swipe)) return null;
+    const swipe = peek.swipe - this.removed.filter((index) => index < peek.swipe).length;
+    const message = this.message(peek.message_id);
+    return message && swipe < message.swipes.length && swipe !== message.chosen ? { message_id: peek.message_id, swipe } : null;
   }
 
   /** A job we asked for: its acknowledgement can arrive after the job's first events, or even its end. */
@@ -154,6 +189,21 @@ export class ChatSession {
     return message ? message.swipes[swipe] : undefined;
   }
 
+  /** The index of the swipe shown for `message`: the one the user flipped to while it streams, else `chosen`. */
+  shownSwipe(message) {
+    const peek = this.peek;
+    return peek && peek.message_id === message.id && peek.swipe < message.swipes.length ? peek.swipe : message.chosen;
+  }
+
+  shownText(message) {
+    return message.swipes[this.shownSwipe(message)].text;
+  }
+
+  /** Whether swipe `swipe` of this message is being written now. */
+  streaming(message, swipe) {
+    return Boolean(this.live && this.live.message_id === message.id && this.live.swipes.has(swipe));
+  }
+
   // --- what the user asks for ----------------------------------------------------------------------
 
   async change(event, fields = {}, revision = this.doc.revision) {
@@ -170,8 +220,9 @@ export class ChatSession {
     return this.queue('send', nextSpeaker ? { text, next_speaker: nextSpeaker } : { text });
   }
 
-  regenerate() {
-    return this.queue('regenerate');
+  /** `count` new swipes of the last reply, written side by side. */
+  regenerate(count = 1) {
+    return this.queue('regenerate', count > 1 ? { count } : {});
   }
 
   continueReply() {
@@ -182,7 +233,13 @@ export class ChatSession {
     return this.connection.request('stop', { session_id: this.id });
   }
 
+  /** Shows another swipe: only here while the message streams (the server is busy), else for good. */
   chooseSwipe(messageId, swipe) {
+    if (this.live && this.live.message_id === messageId) {
+      this.peek = { message_id: messageId, swipe };
+      this.emit('doc');
+      return Promise.resolve();
+    }
     return this.change('choose_swipe', { message_id: messageId, swipe });
   }
 
@@ -197,10 +254,6 @@ export class ChatSession {
   rewind(messageId) {
     return this.change('rewind', { message_id: messageId });
   }
-}
-
-export function shownText(message) {
-  return message.swipes[message.chosen].text;
 }
 
 export function botNames(doc) {

@@ -213,6 +213,12 @@ function updateComposer() {
   }
 }
 
+/** " 3 alternatives" while a regenerate writes several at once, else nothing. */
+function writingMany() {
+  const count = session.live.swipes.size;
+  return count > 1 ? ` ${count} alternatives` : '';
+}
+
 function updateStatus() {
   const job = session.job;
   const chip = $('#job-status');
@@ -220,7 +226,7 @@ function updateStatus() {
   if (job) {
     chip.textContent = job.state === 'queued'
       ? `Queued: ${job.ahead} ahead`
-      : session.live ? `${session.live.author || 'The bot'} is writing…` : 'Working…';
+      : session.live ? `${session.live.author || 'The bot'} is writing${writingMany()}…` : 'Working…';
   }
   updateComposer();
 }
