@@ -29,7 +29,8 @@ def test_roleplay_transcript(tokenizer):
         "This is a conversation between You and Assistant.\nAssistant is a helpful, friendly AI.\n"
         "You: Hi\nAssistant: Hello!\nAssistant:"
     )
-    assert prompt.stop_strings == ["\nYou:", "\nAssistant:"] and prompt.first_message_id == "m0"
+    assert prompt.stop_strings == ["\nYou:", "\nyou:", "\nAssistant:", "\nassistant:"]
+    assert prompt.first_message_id == "m0"
     continued = build_prompt(doc, tokenizer, doc["messages"][:-1], "Assistant", "Hello!", 1000)
     assert tokenizer.decode(continued.ids).endswith("You: Hi\nAssistant: Hello!")
     doc["settings"]["end_on_newline"] = True

@@ -57,7 +57,8 @@ def _roleplay_prompt(doc, tokenizer, history, speaker, partial, budget, keep_fro
     for line in lines[start:]:
         ids += line
     ids += tail
-    names = [p["name"] for p in doc["participants"]]
+    # Small models often start the next speaker's line in lower case ("you:"), which ends the reply too.
+    names = dict.fromkeys(spelling for p in doc["participants"] for spelling in (p["name"], p["name"].lower()))
     stops = ["\n"] if doc["settings"]["end_on_newline"] else [f"\n{name}:" for name in names]
     return Prompt(ids, stops, history[start]["id"] if start < len(history) else None)
 
