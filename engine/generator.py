@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -68,6 +69,69 @@ class StopStringFilter:
         return rest
 
 
+@dataclass
+class Sample:
+    """How one sample is drawn, and when it ends."""
+
+    settings: SamplingSettings
+    max_new_tokens: int = 200
+    stop_strings: Sequence[str] = ()
+
+    @classmethod
+    def alternatives(cls, settings: SamplingSettings, count: int, max_new_tokens: int = 200,
+                     stop_strings: Sequence[str] = ()) -> list["Sample"]:
+        """`count` samples alike but for their seeds (for parallel generation): a seed s becomes s, s + 1, ..., so the first sample
+        is the one a single generation with seed s would give, and each is reproducible."""
+        seeds = [None if settings.seed is None else settings.seed + i for i in range(count)]
+        return [cls(replace(settings, seed=seed), max_new_tokens, stop_strings) for seed in seeds]
+
+
+
+class SampleDecoding:
+    """One sample's progress: its random generator, its tokens and text so far, and why it stopped."""
+
+    def __init__(self, request: Sample, prompt_ids: list[int], generator: "Generator", eos: set[int]):
+        self.request = request
+        self.rng = generator._rng(request.settings)  # seeded like a single generation's
+        self.decoder = IncrementalDecoder(generator.tokenizer)
+        self.stops = StopStringFilter(request.stop_strings)
+        self.eos = eos
+        self.max_seq_len = generator.max_seq_len
+        self.history = list(prompt_ids)
+        self.result = GenerationResult(prompt_tokens=len(prompt_ids))
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.result.stop_reason)
+
+    def advance(self, logits: torch.Tensor) -> str:
+        """Draw the next token from `logits` [vocab]; returns the text now safe to show (often empty)."""
+        token = sample(logits, self.history, self.request.settings, self.rng)
+        if token in self.eos:
+            return self._finish("eos")
+        self.history.append(token)
+        self.result.token_ids.append(token)
+        text = self.stops.feed(self.decoder.push(token))
+        self.result.text += text
+        if self.stops.stopped:
+            return text + self._finish("stop_string")
+        if len(self.result.token_ids) >= self.request.max_new_tokens:
+            return text + self._finish("max_new_tokens")
+        if len(self.history) >= self.max_seq_len:
+            return text + self._finish("context_full")
+        return text
+
+    def cancel(self) -> str:
+        return self._finish("cancelled")
+
+    def _finish(self, reason: str) -> str:
+        """End the sample; returns the text held back in case it became a stop string, unless one did."""
+        self.result.stop_reason = reason
+        rest = "" if self.stops.stopped else self.stops.flush()
+        self.result.text += rest
+        return rest
+
+
 class Generation:
     """One request's stream of text pieces; `result` is filled in when the iteration ends."""
 
@@ -121,49 +185,26 @@ class Generator:
     def generate(self, prompt_ids: list[int], settings: SamplingSettings, max_new_tokens: int = 200,
                  stop_strings=(), stop_on_eos: bool = True, cancel: threading.Event | None = None,
                  adapters: dict[str, float] | None = None) -> Generation:
-        return Generation(self._run(list(prompt_ids), settings, max_new_tokens, stop_strings, stop_on_eos, cancel,
-                                    adapters))
+        request = Sample(settings, max_new_tokens, stop_strings)
+        return Generation(self._run(list(prompt_ids), request, stop_on_eos, cancel, adapters))
 
-    def _run(self, prompt_ids, settings, max_new_tokens, stop_strings, stop_on_eos, cancel, adapters):
-        result = GenerationResult(prompt_tokens=len(prompt_ids))
-        rng = self._rng(settings)
-        decoder = IncrementalDecoder(self.tokenizer)
-        stops = StopStringFilter(stop_strings)
+    def _run(self, prompt_ids, request: Sample, stop_on_eos, cancel, adapters):
         eos = set(self.tokenizer.eos_ids) if stop_on_eos else set()
+        decoding = SampleDecoding(request, prompt_ids, self, eos)
+        result = decoding.result
         started = time.perf_counter()
         logits, result.reused_tokens = self.prefill(prompt_ids, adapters)
         result.prompt_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        history = list(prompt_ids)
-        while True:
+        while not decoding.finished:
             if cancel is not None and cancel.is_set():
-                result.stop_reason = "cancelled"
-                break
-            token = sample(logits, history, settings, rng)
-            if token in eos:
-                result.stop_reason = "eos"
-                break
-            history.append(token)
-            result.token_ids.append(token)
-            piece = stops.feed(decoder.push(token))
-            if piece:
-                result.text += piece
-                yield piece
-            if stops.stopped:
-                result.stop_reason = "stop_string"
-                break
-            if len(result.token_ids) >= max_new_tokens:
-                result.stop_reason = "max_new_tokens"
-                break
-            if len(history) >= self.max_seq_len:
-                result.stop_reason = "context_full"
-                break
-            logits = self._forward([token], len(history) - 1)
-        if not stops.stopped:
-            rest = stops.flush()
-            if rest:
-                result.text += rest
-                yield rest
+                text = decoding.cancel()
+            else:
+                text = decoding.advance(logits)
+                if not decoding.finished:
+                    logits = self._forward(decoding.history[-1:], len(decoding.history) - 1)
+            if text:
+                yield text
         result.decode_seconds = time.perf_counter() - started
         return result
 

@@ -12,18 +12,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 
 from .cache import SharedPrefixCache
 from .errors import ModelError
-from .generator import GenerationResult, Generator, StopStringFilter
+from .generator import GenerationResult, Generator, Sample, SampleDecoding
 from .graphs import bucket_for
 from .loader import LoadedModel
-from .sampling import SamplingSettings, sample
-from .tokenizer import IncrementalDecoder
 
 SMALLEST_OWN_BUCKET = 32  # own slots a graph reads at least; each doubling needs one more graph
 
@@ -141,23 +138,6 @@ def capture_graph(run, device: torch.device, pool=None):
     return graph, output
 
 
-@dataclass
-class Sample:
-    """How one of the parallel samples is drawn, and when it ends."""
-
-    settings: SamplingSettings
-    max_new_tokens: int = 200
-    stop_strings: Sequence[str] = ()
-
-    @classmethod
-    def alternatives(cls, settings: SamplingSettings, count: int, max_new_tokens: int = 200,
-                     stop_strings: Sequence[str] = ()) -> list["Sample"]:
-        """`count` samples alike but for their seeds: a seed s becomes s, s + 1, ..., so the first sample
-        is the one a single generation with seed s would give, and each is reproducible."""
-        seeds = [None if settings.seed is None else settings.seed + i for i in range(count)]
-        return [cls(replace(settings, seed=seed), max_new_tokens, stop_strings) for seed in seeds]
-
-
 class SampleEvent(NamedTuple):
     index: int  # which sample, in the order they were asked for
     text: str  # the next piece of that sample's text; may be empty on its last event
@@ -173,51 +153,6 @@ class ParallelGeneration:
 
     def __iter__(self):
         return self._events
-
-
-class SampleDecoding:
-    """One sample's progress: its random generator, its tokens and text so far, and why it stopped."""
-
-    def __init__(self, request: Sample, prompt_ids: list[int], generator: Generator, eos: set[int]):
-        self.request = request
-        self.rng = generator._rng(request.settings)  # seeded like a single generation's
-        self.decoder = IncrementalDecoder(generator.tokenizer)
-        self.stops = StopStringFilter(request.stop_strings)
-        self.eos = eos
-        self.max_seq_len = generator.max_seq_len
-        self.history = list(prompt_ids)
-        self.result = GenerationResult(prompt_tokens=len(prompt_ids))
-
-    @property
-    def finished(self) -> bool:
-        return bool(self.result.stop_reason)
-
-    def advance(self, logits: torch.Tensor) -> str:
-        """Draw the next token from `logits` [vocab]; returns the text now safe to show (often empty)."""
-        token = sample(logits, self.history, self.request.settings, self.rng)
-        if token in self.eos:
-            return self._finish("eos")
-        self.history.append(token)
-        self.result.token_ids.append(token)
-        text = self.stops.feed(self.decoder.push(token))
-        self.result.text += text
-        if self.stops.stopped:
-            return text + self._finish("stop_string")
-        if len(self.result.token_ids) >= self.request.max_new_tokens:
-            return text + self._finish("max_new_tokens")
-        if len(self.history) >= self.max_seq_len:
-            return text + self._finish("context_full")
-        return text
-
-    def cancel(self) -> str:
-        return self._finish("cancelled")
-
-    def _finish(self, reason: str) -> str:
-        """End the sample; returns the text held back in case it became a stop string, unless one did."""
-        self.result.stop_reason = reason
-        rest = "" if self.stops.stopped else self.stops.flush()
-        self.result.text += rest
-        return rest
 
 
 class ParallelGenerator:

@@ -227,7 +227,7 @@ def load_from_gguf(reader) -> Tokenizer:
 
 def _sentencepiece_bpe(tokens, scores, types, vocab):
     """Llama's sentencepiece BPE as a `tokenizers` BPE: merges ranked by the score of the merged piece."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers
 
     normal = [i for i, kind in enumerate(types) if kind == 1]
     merges = []

@@ -1,7 +1,6 @@
 """Sampling (penalties, truncation samplers) on hand-made logits, and the generator on the default model:
 seeds, stop strings, constrained choice, cancellation and prefix reuse."""
 
-import math
 import threading
 
 import pytest
