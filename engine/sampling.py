@@ -55,9 +55,10 @@ def repetition_weights(history: list[int], settings: SamplingSettings) -> dict[i
 
 
 def apply_penalties(logits: torch.Tensor, history: list[int], settings: SamplingSettings) -> torch.Tensor:
+    penalized = settings.repetition_penalty != 1.0 or settings.frequency_penalty or settings.presence_penalty
     window = settings.repetition_sustain + settings.repetition_decay
     recent = history[-window:] if window > 0 else []
-    if not recent:
+    if not penalized or not recent:  # the common case: no copy of the logits on every token
         return logits
     logits = logits.clone()
     if settings.repetition_penalty != 1.0:
