@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .cuda import fused
+
 
 class KVCache:
     def __init__(self, kv_heads: int, head_dim: int, max_seq_len: int, dtype: torch.dtype, device, batch: int = 1):
@@ -30,6 +32,16 @@ class KVCache:
         """Store this step's keys and values, then attend over the cache; other caches differ here."""
         keys, values = self.write(k, v, positions, bias.shape[-1])
         return grouped_attention(q, keys, values, bias)
+
+    def fuses(self, rows: int) -> bool:
+        """Whether fused_attend serves a step of `rows` sequences: its kernels assume one."""
+        return rows == 1 == self.keys.shape[0]
+
+    def fused_attend(self, q, k, v, cos, sin, positions: torch.Tensor, cache_len: int) -> torch.Tensor:
+        """attend for one token on the GPU, q [1, heads, head_dim] and k, v [1, kv_heads, head_dim], in two
+        fused kernels: RoPE with the cache write, then attention over slots 0..position (of at most cache_len)."""
+        fused.rope_and_store(q, k, v, cos, sin, positions, self.keys, self.values)
+        return fused.decode_attention(q[0], self.keys, self.values, positions, cache_len)
 
 
 def grouped_attention(q, keys, values, bias: torch.Tensor) -> torch.Tensor:
@@ -60,17 +72,19 @@ class SharedPrefixCache:
     own slot i holds position context_len + i. A decode step therefore reads the context once for all
     samples rather than once per sample, which is what lets n samples cost little more than one.
 
-    Masks live in tensors and the number of slots a step reads is set from outside (`context_slots`,
-    `own_slots`), so a captured CUDA graph replays correctly at every position those slots cover.
+    Masks and the step's own slot (`own_slot`, shared by every layer's cache and set by the decoder) live in
+    tensors, and the number of slots a step reads is set from outside (`context_slots`, `own_slots`), so a
+    captured CUDA graph replays correctly at every position those slots cover.
     """
 
-    def __init__(self, context: KVCache, rows: int, capacity: int):
+    def __init__(self, context: KVCache, rows: int, capacity: int, own_slot: torch.Tensor):
         _, kv_heads, max_seq_len, head_dim = context.keys.shape
         dtype, device = context.keys.dtype, context.keys.device
         self.context = context
         self.keys = torch.zeros(rows, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self.context_len = torch.zeros(1, dtype=torch.long, device=device)
+        self.own_slot = own_slot  # [1]: the own slot this step writes, which is also the last one it reads
         # 0 where a key may be seen, -inf where not; in the model's dtype, as baddbmm adds it to the scores.
         self.context_bias = torch.zeros(max_seq_len, dtype=dtype, device=device)
         self.own_bias = torch.zeros(capacity, dtype=dtype, device=device)
@@ -95,15 +109,25 @@ class SharedPrefixCache:
         all at the one position `positions` [1]. The model's `bias` describes a single contiguous cache and
         does not apply here: the masks come from the context length and the own slots written so far."""
         rows = q.shape[0]
-        slot = positions - self.context_len
         keys, values = self.keys[:rows], self.values[:rows]
-        keys.index_copy_(2, slot, k)
-        values.index_copy_(2, slot, v)
-        self.own_bias.index_fill_(0, slot, 0)
+        keys.index_copy_(2, self.own_slot, k)
+        values.index_copy_(2, self.own_slot, v)
+        self.own_bias.index_fill_(0, self.own_slot, 0)
         context, own = self.context_slots, self.own_slots
         return bifurcated_attention(q, self.context.keys[0, :, :context], self.context.values[0, :, :context],
                                     self.context_bias[:context], keys[:, :, :own], values[:, :, :own],
                                     self.own_bias[:own])
+
+    def fuses(self, rows: int) -> bool:
+        return True
+
+    def fused_attend(self, q, k, v, cos, sin, positions: torch.Tensor, cache_len: int) -> torch.Tensor:
+        """attend on the GPU in three fused kernels, q [rows, heads, head_dim] and k, v [rows, kv_heads,
+        head_dim]: RoPE with the write of each row's own slot, the context's share of attention for every
+        row from one read of it, and a merge that adds each row's own slots."""
+        fused.rope_and_store(q, k, v, cos, sin, self.own_slot, self.keys, self.values)
+        return fused.bifurcated_attention(q, self.context.keys[0], self.context.values[0], self.context_len,
+                                          self.context_slots, self.keys, self.values, self.own_slot)
 
 
 def bifurcated_attention(q, context_keys, context_values, context_bias, own_keys, own_values, own_bias):

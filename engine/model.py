@@ -107,7 +107,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, positions, bias) -> torch.Tensor:
         batch, length, _ = x.shape
-        if batch == length == 1 and x.is_cuda and type(self.cache) is KVCache and fused.available():
+        if length == 1 and x.is_cuda and fused.available() and self.cache.fuses(batch):
             return self.fused_decode(x, cos, sin, positions, bias.shape[-1])
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -117,14 +117,14 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     def fused_decode(self, x, cos, sin, positions, cache_len: int) -> torch.Tensor:
-        """One token on the GPU: RoPE and the cache write in one kernel, then one attention kernel that
-        reads only the slots up to `positions`, however long the graph's bucket `cache_len` is."""
-        q = self.q_proj(x).view(self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(self.num_kv_heads, self.head_dim)
-        fused.rope_and_store(q, k, v, cos, sin, positions, self.cache.keys, self.cache.values)
-        out = fused.decode_attention(q, self.cache.keys, self.cache.values, positions, cache_len)
-        return self.o_proj(out.view(1, 1, -1))
+        """One position of each row on the GPU: the cache's fused kernels rotate q and k, store k and v and
+        attend, reading only the filled slots however long the graph's bucket `cache_len` is."""
+        rows = x.shape[0]
+        q = self.q_proj(x).view(rows, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(rows, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(rows, self.num_kv_heads, self.head_dim)
+        out = self.cache.fused_attend(q, k, v, cos, sin, positions, cache_len)
+        return self.o_proj(out.view(rows, 1, -1))
 
 
 class FeedForward(nn.Module):

@@ -46,6 +46,7 @@ class SharedPrefixDecoder:
         self.pool = None  # one memory pool for all graphs: they never run at the same time
         self.tokens: torch.Tensor | None = None  # the graphs' inputs: each row's token and the position
         self.positions: torch.Tensor | None = None
+        self.own_slot: torch.Tensor | None = None  # the own slot of the step, for every layer's cache
 
     @torch.inference_mode()
     def start(self, context_len: int, rows: int, capacity: int) -> None:
@@ -57,7 +58,8 @@ class SharedPrefixDecoder:
         if not fits:
             # The graphs read the old buffers: they go too, before the new buffers take the memory.
             self.caches, self.graphs, self.pool = [], {}, None
-            self.caches = [SharedPrefixCache(context, rows, capacity) for context in contexts]
+            self.own_slot = torch.zeros(1, dtype=torch.long, device=self.device)
+            self.caches = [SharedPrefixCache(context, rows, capacity, self.own_slot) for context in contexts]
             self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
             self.positions = torch.zeros(1, dtype=torch.long, device=self.device)
         for cache in self.caches:
@@ -78,6 +80,7 @@ class SharedPrefixDecoder:
         capacity = self.caches[0].keys.shape[2]
         if own_len > capacity:
             raise ValueError(f"the samples' own caches hold {capacity} tokens; start() asked for too few")
+        self.own_slot.fill_(own_len - 1)
         if self.graphed:
             own_slots = min(max(SMALLEST_OWN_BUCKET, 1 << (own_len - 1).bit_length()), capacity)
             logits = self._replay(tokens, bucket_for(self.context_len, self.max_seq_len), own_slots)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.cache import grouped_attention
+from engine.cache import bifurcated_attention, grouped_attention
 from engine.model import apply_rope
 
 fused = pytest.importorskip("engine.cuda.fused")
@@ -53,9 +53,45 @@ def test_rope_and_store_then_attention(heads, kv_heads, dim):
     # Poison the slots past the position: the kernel must not read them.
     keys[:, :, position + 1:] = float("nan")
     values[:, :, position + 1:] = float("nan")
-    fused.rope_and_store(q, k, v, cos, sin, pos, keys, values)
+    fused.rope_and_store(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cos, sin, pos, keys, values)
     assert relative_error(q, q_ref) < 2e-3
     assert relative_error(keys[0, :, position], k_ref) < 2e-3
     for bucket in (position + 1, max_seq):
         out = fused.decode_attention(q, keys, values, pos, bucket)
         assert relative_error(out.view(1, heads, 1, dim), out_ref) < 2e-3
+
+
+@pytest.mark.parametrize("samples,heads,kv_heads,dim", [(1, 32, 32, 128), (16, 32, 32, 128), (100, 32, 8, 128),
+                                                        (3, 9, 3, 64)])
+def test_bifurcated_attention(samples, heads, kv_heads, dim):
+    """n samples' rotation and own-slot write, then attention over the shared context plus their own slots,
+    against the float32 PyTorch reference; slots past either length hold NaN, which must not be read."""
+    context_len, max_context, own_slot, capacity = 3000, 4096, 37, 64
+    context_keys = torch.randn(kv_heads, max_context, dim, device=CUDA, dtype=torch.float16)
+    context_values = torch.randn_like(context_keys)
+    own_keys = torch.randn(samples + 2, kv_heads, capacity, dim, device=CUDA, dtype=torch.float16)
+    own_values = torch.randn_like(own_keys)
+    q = torch.randn(samples, heads, dim, device=CUDA, dtype=torch.float16)
+    k, v = (torch.randn(samples, kv_heads, dim, device=CUDA, dtype=torch.float16) for _ in range(2))
+    angles = torch.rand(1, dim // 2, device=CUDA) * 6.28
+    cos, sin = torch.cat((angles, angles), -1).cos().half(), torch.cat((angles, angles), -1).sin().half()
+
+    q_ref = apply_rope(q.float(), cos.float(), sin.float())
+    k_ref = apply_rope(k.float(), cos.float(), sin.float())
+    own_keys_ref, own_values_ref = own_keys[:samples].float(), own_values[:samples].float()
+    own_keys_ref[:, :, own_slot], own_values_ref[:, :, own_slot] = k_ref, v.float()
+    bias = lambda length, size: torch.where(torch.arange(size, device=CUDA) < length, 0.0, float("-inf"))
+    out_ref = bifurcated_attention(q_ref.unsqueeze(2), context_keys.float(), context_values.float(),
+                                   bias(context_len, max_context), own_keys_ref, own_values_ref,
+                                   bias(own_slot + 1, capacity))
+
+    context_keys[:, context_len:] = float("nan")
+    context_values[:, context_len:] = float("nan")
+    own_keys[:, :, own_slot:] = float("nan")
+    own_values[:, :, own_slot:] = float("nan")
+    slot = torch.tensor([own_slot], device=CUDA)
+    fused.rope_and_store(q, k, v, cos, sin, slot, own_keys, own_values)
+    assert relative_error(own_keys[:samples, :, own_slot], k_ref) < 2e-3
+    out = fused.bifurcated_attention(q, context_keys, context_values, torch.tensor([context_len], device=CUDA),
+                                     max_context, own_keys, own_values, slot)
+    assert relative_error(out, out_ref.squeeze(2)) < 2e-3

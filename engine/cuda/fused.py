@@ -1,10 +1,11 @@
-"""Fused Triton kernels for the batch-1 decode step: RMSNorm, RoPE, the KV-cache write, SiLU-multiply
-and decode attention.
+"""Fused Triton kernels for the decode step: RMSNorm, RoPE with the KV-cache write, SiLU-multiply, and
+decode attention, for one sequence or for n samples sharing a context (bifurcated attention).
 
 At batch 1 every small PyTorch op is a kernel of a few microseconds, and a Llama layer has dozens of
-them; these kernels do each job in one launch. Decode attention reads the valid length from the
-position tensor, so a graph captured for a bucket of cache lengths reads only the filled slots, and it
-serves each KV head's whole group of query heads from one read of the cache.
+them; these kernels do each job in one launch. Attention reads the valid length from a tensor, so a
+graph captured for a bucket of cache lengths reads only the filled slots, and one read of a KV head's
+cache serves all the query rows that use it: the heads of a GQA group, and the same heads of every
+sample that continues a shared context.
 
 Importing this module needs Triton, which comes with CUDA builds of PyTorch; callers check
 `available()` first.
@@ -45,29 +46,32 @@ def _kernels():
         tl.store(y_ptr + row * n + cols, (x * rstd).to(w.dtype) * w, mask=mask)
 
     @triton.jit
-    def rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, keys_ptr, values_ptr,
-                          q_heads, max_seq, HALF: tl.constexpr):
-        # One program per head of one token: rotate q in place; rotate k and store it with v in the cache.
-        head = tl.program_id(0)
-        pos = tl.load(pos_ptr)
+    def rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, keys_ptr, values_ptr,
+                          q_heads, kv_heads, keys_row_stride, max_seq, HALF: tl.constexpr):
+        # Program (row, head) of one position: rotate q in place; rotate k and store it with v in that
+        # row's cache at the slot held in slot_ptr.
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        slot = tl.load(slot_ptr)
         i = tl.arange(0, HALF)
-        cos = tl.load(cos_ptr + i).to(tl.float32)  # the token's row: both halves hold the same angles
+        cos = tl.load(cos_ptr + i).to(tl.float32)  # the position's row: both halves hold the same angles
         sin = tl.load(sin_ptr + i).to(tl.float32)
         if head < q_heads:
-            base = q_ptr + head * 2 * HALF
+            base = q_ptr + (row * q_heads + head) * 2 * HALF
             a = tl.load(base + i).to(tl.float32)
             b = tl.load(base + HALF + i).to(tl.float32)
             tl.store(base + i, (a * cos - b * sin).to(q_ptr.dtype.element_ty))
             tl.store(base + HALF + i, (b * cos + a * sin).to(q_ptr.dtype.element_ty))
         else:
             h = head - q_heads
-            a = tl.load(k_ptr + h * 2 * HALF + i).to(tl.float32)
-            b = tl.load(k_ptr + h * 2 * HALF + HALF + i).to(tl.float32)
-            slot = (h * max_seq + pos) * 2 * HALF
-            tl.store(keys_ptr + slot + i, (a * cos - b * sin).to(keys_ptr.dtype.element_ty))
-            tl.store(keys_ptr + slot + HALF + i, (b * cos + a * sin).to(keys_ptr.dtype.element_ty))
-            tl.store(values_ptr + slot + i, tl.load(v_ptr + h * 2 * HALF + i))
-            tl.store(values_ptr + slot + HALF + i, tl.load(v_ptr + h * 2 * HALF + HALF + i))
+            source = (row * kv_heads + h) * 2 * HALF
+            a = tl.load(k_ptr + source + i).to(tl.float32)
+            b = tl.load(k_ptr + source + HALF + i).to(tl.float32)
+            target = row * keys_row_stride + (h * max_seq + slot) * 2 * HALF
+            tl.store(keys_ptr + target + i, (a * cos - b * sin).to(keys_ptr.dtype.element_ty))
+            tl.store(keys_ptr + target + HALF + i, (b * cos + a * sin).to(keys_ptr.dtype.element_ty))
+            tl.store(values_ptr + target + i, tl.load(v_ptr + source + i))
+            tl.store(values_ptr + target + HALF + i, tl.load(v_ptr + source + HALF + i))
 
     @triton.jit
     def silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
@@ -78,22 +82,25 @@ def _kernels():
         tl.store(out_ptr + offsets, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def decode_attention_kernel(q_ptr, keys_ptr, values_ptr, pos_ptr, part_out_ptr, part_max_ptr, part_sum_ptr,
-                                max_seq, scale, splits, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                                DIM: tl.constexpr, BLOCK: tl.constexpr):
-        # Program (kv head, split): the split's share of the positions 0..pos, for all the query heads
-        # of that KV head at once, with an online softmax; a second kernel merges the splits.
+    def attention_parts_kernel(q_ptr, keys_ptr, values_ptr, length_ptr, length_bias, part_out_ptr, part_max_ptr,
+                               part_sum_ptr, rows, q_row_stride, max_seq, scale, splits,
+                               GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr):
+        # Program (kv head, split, row block): the split's share of cache slots 0 .. length - 1 (length =
+        # *length_ptr + length_bias) for ROWS query rows of that KV head, with an online softmax; the
+        # merge kernel combines the parts. Query row r is head (kv head * GROUP + r % GROUP) of sample
+        # r // GROUP, so one read of the cache serves a GQA group, or the same head of many samples.
         kv_head = tl.program_id(0)
         split = tl.program_id(1)
-        length = tl.load(pos_ptr) + 1
+        r = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
+        length = tl.load(length_ptr) + length_bias
         per_split = tl.cdiv(tl.cdiv(length, splits), BLOCK) * BLOCK
         start = split * per_split
-        g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, DIM)
-        q = tl.load(q_ptr + (kv_head * GROUP + g[:, None]) * DIM + d[None, :], mask=g[:, None] < GROUP, other=0.0)
-        running_max = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        running_sum = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, DIM], tl.float32)
+        q_rows = (r // GROUP) * q_row_stride + (kv_head * GROUP + r % GROUP) * DIM
+        q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=(r < rows)[:, None], other=0.0)
+        running_max = tl.full([ROWS], float("-inf"), tl.float32)
+        running_sum = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, DIM], tl.float32)
         for block_start in range(start, tl.minimum(start + per_split, length), BLOCK):
             n = block_start + tl.arange(0, BLOCK)
             valid = n < length
@@ -108,30 +115,61 @@ def _kernels():
             v = tl.load(values_ptr + offsets, mask=valid[:, None], other=0.0)
             acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
             running_max = new_max
-        part = (kv_head * splits + split) * GROUP_PAD + g
-        tl.store(part_out_ptr + part[:, None] * DIM + d[None, :], acc)
-        tl.store(part_max_ptr + part, running_max)
-        tl.store(part_sum_ptr + part, running_sum)
+        part = (kv_head * splits + split) * rows + r
+        tl.store(part_out_ptr + part[:, None] * DIM + d[None, :], acc, mask=(r < rows)[:, None])
+        tl.store(part_max_ptr + part, running_max, mask=r < rows)
+        tl.store(part_sum_ptr + part, running_sum, mask=r < rows)
 
     @triton.jit
-    def merge_splits_kernel(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, splits,
-                            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr,
-                            SPLITS_PAD: tl.constexpr):
+    def merge_parts_kernel(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, rows, q_row_stride, splits,
+                           q_ptr, own_keys_ptr, own_values_ptr, own_slot_ptr, own_row_stride, own_capacity, scale,
+                           GROUP: tl.constexpr, DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                           OWN: tl.constexpr, BLOCK: tl.constexpr):
+        # Program (kv head, query row): combine the splits' parts into the row's attention output. With
+        # OWN, the row's sample also attends over its own slots 0 .. *own_slot_ptr (few: the tokens the
+        # samples generated so far), folded in here as one more part.
         kv_head = tl.program_id(0)
-        g = tl.program_id(1)
+        r = tl.program_id(1)
         s = tl.arange(0, SPLITS_PAD)
         d = tl.arange(0, DIM)
-        part = (kv_head * splits + s) * GROUP_PAD + g
+        part = (kv_head * splits + s) * rows + r
         in_range = s < splits
         maxes = tl.load(part_max_ptr + part, mask=in_range, other=float("-inf"))
-        best = tl.max(maxes, axis=0)
-        weights = tl.where(maxes == float("-inf"), 0.0, tl.exp(maxes - best))  # empty splits weigh nothing
         sums = tl.load(part_sum_ptr + part, mask=in_range, other=0.0)
         outs = tl.load(part_out_ptr + part[:, None] * DIM + d[None, :], mask=in_range[:, None], other=0.0)
-        total = tl.sum(outs * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)
-        tl.store(out_ptr + (kv_head * GROUP + g) * DIM + d, total.to(out_ptr.dtype.element_ty))
+        best = tl.max(maxes, axis=0)
+        q_row = (r // GROUP) * q_row_stride + (kv_head * GROUP + r % GROUP) * DIM
+        if OWN:
+            q = tl.load(q_ptr + q_row + d).to(tl.float32)
+            own_length = tl.load(own_slot_ptr) + 1
+            base = (r // GROUP) * own_row_stride + kv_head * own_capacity * DIM
+            own_max = tl.full([1], float("-inf"), tl.float32)
+            own_sum = tl.zeros([1], tl.float32)
+            own_acc = tl.zeros([DIM], tl.float32)
+            for block_start in range(0, own_length, BLOCK):
+                n = block_start + tl.arange(0, BLOCK)
+                valid = n < own_length
+                offsets = base + n[:, None] * DIM + d[None, :]
+                k = tl.load(own_keys_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
+                scores = tl.where(valid, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
+                new_max = tl.maximum(own_max, tl.max(scores, axis=0))
+                correction = tl.exp(own_max - new_max)
+                p = tl.exp(scores - new_max)
+                own_sum = own_sum * correction + tl.sum(p, axis=0)
+                v = tl.load(own_values_ptr + offsets, mask=valid[:, None], other=0.0).to(tl.float32)
+                own_acc = own_acc * correction + tl.sum(p[:, None] * v, axis=0)
+                own_max = new_max
+            best = tl.maximum(best, tl.max(own_max, axis=0))
+        weights = tl.where(maxes == float("-inf"), 0.0, tl.exp(maxes - best))  # empty splits weigh nothing
+        total = tl.sum(outs * weights[:, None], axis=0)
+        norm = tl.sum(sums * weights, axis=0)
+        if OWN:
+            own_weight = tl.exp(own_max - best)
+            total += own_acc * own_weight
+            norm += tl.sum(own_sum * own_weight, axis=0)
+        tl.store(out_ptr + q_row + d, (total / norm).to(out_ptr.dtype.element_ty))
 
-    return rms_norm_kernel, rope_store_kernel, silu_mul_kernel, decode_attention_kernel, merge_splits_kernel
+    return rms_norm_kernel, rope_store_kernel, silu_mul_kernel, attention_parts_kernel, merge_parts_kernel
 
 
 def _next_pow2(n: int) -> int:
@@ -146,13 +184,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y.view(x.shape)
 
 
-def rope_and_store(q, k, v, cos, sin, position, keys, values) -> None:
-    """For one token: rotate q [q_heads, dim] in place; rotate k and store it and v [kv_heads, dim] at
-    `position` (a one-element tensor) of the cache keys / values [1, kv_heads, max_seq, dim].
-    cos and sin are the token's rows of the rotary tables."""
+def rope_and_store(q, k, v, cos, sin, slot, keys, values) -> None:
+    """For one position of each of `rows` sequences: rotate q [rows, q_heads, dim] in place; rotate k and store
+    it and v [rows, kv_heads, dim] at `slot` (a one-element tensor) of each row's cache, keys / values
+    [rows, kv_heads, slots, dim]. cos and sin are the position's rows of the rotary tables."""
     kernel = _kernels()[1]
-    q_heads, kv_heads, dim = q.shape[0], k.shape[0], q.shape[-1]
-    kernel[(q_heads + kv_heads,)](q, k, v, cos, sin, position, keys, values, q_heads, keys.shape[2], HALF=dim // 2)
+    rows, q_heads, dim = q.shape
+    kv_heads = k.shape[1]
+    kernel[(rows, q_heads + kv_heads)](q, k, v, cos, sin, slot, keys, values, q_heads, kv_heads, keys[0].numel(),
+                                       keys.shape[2], HALF=dim // 2)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -164,25 +204,59 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 ATTENTION_BLOCK = 64
+MAX_ROWS_PER_PROGRAM = 64
 
 
 def decode_attention(q, keys, values, position, max_length: int) -> torch.Tensor:
-    """Attention of one token's q [q_heads, dim] over cache slots 0..position (a one-element tensor).
+    """Attention of one token's q [q_heads, dim] over cache slots 0..position (a one-element tensor) of
+    keys / values [1, kv_heads, slots, dim].
 
     `max_length` bounds the position (the graph bucket): it sets how many splits share the work, so
     that long contexts spread over the whole GPU while short ones stay one block per KV head.
     """
-    _, _, attention, merge = _kernels()[1:]
-    kv_heads, max_seq, dim = keys.shape[1], keys.shape[2], keys.shape[3]
-    group = q.shape[0] // kv_heads
-    group_pad = max(16, _next_pow2(group))  # tl.dot needs at least 16 rows
-    splits = max(1, min(64, max_length // 256))
-    part_out = torch.empty(kv_heads * splits * group_pad, dim, device=q.device, dtype=torch.float32)
-    part_max = torch.empty(kv_heads * splits * group_pad, device=q.device, dtype=torch.float32)
-    part_sum = torch.empty_like(part_max)
-    attention[(kv_heads, splits)](q, keys, values, position, part_out, part_max, part_sum, max_seq, dim**-0.5,
-                                  splits, GROUP=group, GROUP_PAD=group_pad, DIM=dim, BLOCK=ATTENTION_BLOCK)
     out = torch.empty_like(q)
-    merge[(kv_heads, group)](part_out, part_max, part_sum, out, splits, GROUP=group, GROUP_PAD=group_pad,
-                             DIM=dim, SPLITS_PAD=max(2, _next_pow2(splits)))
+    _attention(q.unsqueeze(0), keys[0], values[0], position, 1, max_length, out.unsqueeze(0))
     return out
+
+
+def bifurcated_attention(q, context_keys, context_values, context_len, max_context: int,
+                         own_keys, own_values, own_slot) -> torch.Tensor:
+    """Attention of n samples, one query each (q [n, q_heads, dim]), over the first context_len slots of a
+    context they share (keys / values [kv_heads, slots, dim]) and each sample's own slots 0..own_slot
+    (own keys / values [rows >= n, kv_heads, capacity, dim]). context_len and own_slot are one-element
+    tensors, so a captured graph follows them; max_context bounds context_len, as in decode_attention.
+
+    Every sample's query rows of a KV head share one read of the context; the own slots, which are few,
+    are folded in by the merge, which then divides by one softmax total over both.
+    """
+    out = torch.empty_like(q)
+    own = (own_keys, own_values, own_slot, own_keys[0].numel(), own_keys.shape[2])
+    _attention(q, context_keys, context_values, context_len, 0, max_context, out, own)
+    return out
+
+
+def _attention(q, keys, values, length, length_bias: int, max_length: int, out, own=None) -> None:
+    """Attention of q [n, q_heads, dim] over slots 0..length + length_bias - 1 of keys / values [kv_heads,
+    slots, dim] into out [n, q_heads, dim]; with `own`, each sample also attends over its own cache."""
+    _, _, _, parts_kernel, merge_kernel = _kernels()
+    samples, q_heads, dim = q.shape
+    kv_heads, max_seq = keys.shape[0], keys.shape[1]
+    group = q_heads // kv_heads
+    rows = samples * group  # query rows per KV head
+    rows_per_program = min(MAX_ROWS_PER_PROGRAM, max(16, _next_pow2(rows)))  # tl.dot needs 16 rows or more
+    row_blocks = -(-rows // rows_per_program)
+    # About 32 splits of 256 slots or more per KV head at most; many row blocks need fewer splits.
+    splits = max(1, min(64, max_length // 256) // row_blocks)
+    part_out = torch.empty(kv_heads * splits * rows, dim, device=q.device, dtype=torch.float32)
+    part_max = torch.empty(kv_heads * splits * rows, device=q.device, dtype=torch.float32)
+    part_sum = torch.empty_like(part_max)
+    scale = dim**-0.5
+    q_row_stride = q_heads * dim
+    parts_kernel[(kv_heads, splits, row_blocks)](
+        q, keys, values, length, length_bias, part_out, part_max, part_sum, rows, q_row_stride, max_seq, scale,
+        splits, GROUP=group, ROWS=rows_per_program, DIM=dim, BLOCK=ATTENTION_BLOCK)
+    own_keys, own_values, own_slot, own_row_stride, own_capacity = own if own is not None else (q, q, length, 0, 0)
+    merge_kernel[(kv_heads, rows)](
+        part_out, part_max, part_sum, out, rows, q_row_stride, splits, q, own_keys, own_values, own_slot,
+        own_row_stride, own_capacity, scale, GROUP=group, DIM=dim, SPLITS_PAD=max(2, _next_pow2(splits)),
+        OWN=own is not None, BLOCK=ATTENTION_BLOCK)
