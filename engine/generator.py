@@ -157,7 +157,7 @@ class Generator:
     @torch.inference_mode()
     def _forward(self, ids: list[int], start: int) -> torch.Tensor:
         if self.graphs is not None and len(ids) == 1:
-            logits = self.graphs.step(ids[0], start)
+            logits = self.graphs.step(ids[0], start, with_adapters=bool(self.loaded.adapters.mix))
         else:
             logits = self.model(torch.tensor([ids], device=self.loaded.device), start)[0, -1]
         self.cached = self.cached[:start] + list(ids)

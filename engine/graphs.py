@@ -42,7 +42,8 @@ class GraphedDecoder:
         # it because they never run at the same time.
         self.streams = [torch.cuda.Stream(s.device) for s in segments]
         self.pools = [None] * len(segments)
-        self.graphs: dict[int, list[tuple[torch.cuda.CUDAGraph, torch.Tensor]]] = {}
+        # (bucket, with adapters) -> each segment's graph and output
+        self.graphs: dict[tuple[int, bool], list[tuple[torch.cuda.CUDAGraph, torch.Tensor]]] = {}
 
     @torch.inference_mode()
     def _capture(self, bucket: int) -> list[tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
@@ -65,17 +66,21 @@ class GraphedDecoder:
         return captured
 
     @torch.inference_mode()
-    def step(self, token: int, position: int) -> torch.Tensor:
-        """Logits [vocab] after `token` at `position`; the returned tensor is reused by the next step."""
+    def step(self, token: int, position: int, with_adapters: bool = False) -> torch.Tensor:
+        """Logits [vocab] after `token` at `position`; the returned tensor is reused by the next step.
+
+        `with_adapters` says whether the model applies LoRA adapters now: a graph records the adapters' kernels
+        or not, so each bucket has a graph for either case."""
         self.inputs[0].fill_(token)
         for buffer in self.positions:
             buffer.fill_(position)
         bucket = bucket_for(position + 1, self.max_seq_len)
-        if bucket not in self.graphs:
+        key = (bucket, with_adapters)
+        if key not in self.graphs:
             # Warm-up and capture write this step's cache slot with whatever the input buffers held; the
             # replay below writes it again with the real hidden states.
-            self.graphs[bucket] = self._capture(bucket)
-        graphs = self.graphs[bucket]
+            self.graphs[key] = self._capture(bucket)
+        graphs = self.graphs[key]
         for index, (graph, output) in enumerate(graphs):
             if index:
                 # A copy between devices waits for the source's stream and makes the target's stream wait for it.

@@ -1,14 +1,20 @@
 """PEFT LoRA adapters, applied unmerged so that every request can choose its own mix without reloading.
 
-Each adapted linear layer keeps the low-rank factors of all loaded adapters side by side:
+An adapted layer adds ((x @ A^T) * c) @ B^T to its output for each adapter, where c is the adapter's scale
+times the request's weight for it (0 for adapters left out). Layers that read the same input (q, k and v;
+gate and up) share one LoraInput, which stacks all their adapters' A factors, premultiplied by c:
 
-    lora_a        [sum of ranks, in]    every adapter's A, one after another
-    lora_b        [out, sum of ranks]   every adapter's B, in the same order
-    coefficients  [sum of ranks]        scale * request weight on an adapter's ranks, 0 for adapters left out
+    LoraInput.mixed   [sum of ranks, in]   every (layer, adapter) A * c, one after another
+    LoraLinear.lora_b [out, layer's ranks] that layer's B factors, in the same order
 
-and adds ((x @ lora_a^T) * coefficients) @ lora_b^T to the base layer's output. Choosing a request's mix
-only overwrites `coefficients` in place, so no tensor changes shape or address and a captured CUDA graph
-stays valid. Only loading an adapter reallocates.
+so a forward pass costs one product x @ mixed^T per input, and each layer adds its columns of it times
+its B, which the 4-bit CUDA kernel does in its epilogue without a launch of its own. On a one-row CUDA
+step the product itself runs in the norm's kernel where a norm precedes the layers (LoraNorm).
+
+Choosing a request's mix rewrites `mixed` in place, so no tensor changes shape or address and a captured
+CUDA graph stays valid: the decoders keep two graphs per shape, one captured with adapters applied, which
+serves every mix, and one without, so that requests with no adapter pay nothing. Only loading an adapter
+reallocates.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from .cuda import fused
 from .errors import ModelError
+from .model import RMSNorm
 
 ADAPTABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -53,45 +61,112 @@ UNSUPPORTED_SETTINGS = {
 }
 
 
-class LoraLinear(nn.Module):
-    """A linear layer plus the low-rank updates of every loaded adapter that targets it."""
+# The layers of a block that read one input, in the order the forward pass calls them, and the norm
+# whose output that input is, if any.
+SHARED_INPUTS = ((("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+                 (("self_attn.o_proj",), None),
+                 (("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+                 (("mlp.down_proj",), None))
 
-    def __init__(self, base: nn.Module, device: torch.device, dtype: torch.dtype):
+
+class LoraInput(nn.Module):
+    """The A factors of every adapted layer that reads one input, so that one product serves them all."""
+
+    def __init__(self, in_features: int, device: torch.device, dtype: torch.dtype):
         super().__init__()
-        self.base = base
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.register_buffer("lora_a", torch.empty(0, self.in_features, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("lora_b", torch.empty(self.out_features, 0, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("coefficients", torch.empty(0, device=device, dtype=dtype), persistent=False)
-        self.spans: dict[str, tuple[int, int, float]] = {}  # adapter name -> (first rank, end rank, scale)
-        self.active = False  # any coefficient non-zero: otherwise the update is skipped
+        self.register_buffer("lora_a", torch.empty(0, in_features, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("mixed", torch.empty_like(self.lora_a), persistent=False)
+        # Row ranges of lora_a, in stacking order: (layer, adapter name, first row, end row, scale).
+        self.spans: list[tuple[LoraLinear, str, int, int, float]] = []
+        # Whether the request applies any adapter at all: otherwise the update is skipped. It is the same for
+        # every layer, so that a CUDA graph captured with adapters applied records every layer's update, and
+        # serves any later mix by the in-place rewrite of `mixed`.
+        self.active = False
+        self._input: torch.Tensor | None = None  # the input of the product held in _product
+        self._product: torch.Tensor | None = None
 
-    def add(self, name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Append one adapter's factors; every coefficient is reset to 0 until the next set_mix."""
-        start = self.lora_a.shape[0]
-        self.lora_a = torch.cat((self.lora_a, a.to(self.lora_a)))
-        self.lora_b = torch.cat((self.lora_b, b.to(self.lora_b)), dim=1)
-        self.coefficients = self.lora_a.new_zeros(self.lora_a.shape[0])
-        self.spans[name] = (start, self.lora_a.shape[0], scale)
+    def add(self, layer: LoraLinear, name: str, a: torch.Tensor, scale: float) -> None:
+        """Stack one more A factor. Rows go in the order the forward pass calls the layers, each layer's rows
+        together in the order of its B columns."""
+        entries = [(span[0], span[1], self.lora_a[span[2]:span[3]], span[4]) for span in self.spans]
+        entries.append((layer, name, a.to(self.lora_a), scale))
+        entries.sort(key=lambda entry: entry[0].call_order)  # stable: a layer's adapters keep their order
+        self.lora_a = torch.cat([entry[2] for entry in entries])
+        self.mixed = torch.zeros_like(self.lora_a)  # every coefficient is 0 until the next set_mix
+        self.spans, row = [], 0
+        for entry_layer, entry_name, factor, entry_scale in entries:
+            self.spans.append((entry_layer, entry_name, row, row + factor.shape[0], entry_scale))
+            row += factor.shape[0]
+        for member in {span[0] for span in self.spans}:
+            rows = [span for span in self.spans if span[0] is member]
+            member.columns = (rows[0][2], rows[-1][3])
         self.active = False
 
     def set_mix(self, mix: dict[str, float]) -> None:
-        coefficients = torch.zeros(self.coefficients.shape, dtype=torch.float32)
-        for name, weight in mix.items():
-            if name in self.spans:
-                start, end, scale = self.spans[name]
-                coefficients[start:end] = scale * weight
-        self.coefficients.copy_(coefficients)  # in place: a captured graph keeps reading this very tensor
-        self.active = bool(coefficients.any())
+        coefficients = torch.zeros(self.lora_a.shape[0], dtype=torch.float32)
+        for _, name, start, end, scale in self.spans:
+            coefficients[start:end] = scale * mix.get(name, 0.0)
+        # In place: a captured graph keeps reading this very tensor.
+        self.mixed.copy_(self.lora_a.float() * coefficients.to(self.lora_a.device)[:, None])
+        self.active = bool(mix)
+
+    def hold(self, x: torch.Tensor, product: torch.Tensor) -> None:
+        """Take x @ mixed^T, computed with x, for the layers about to read x."""
+        self._input, self._product = x, product
+
+    def project(self, x: torch.Tensor, layer: LoraLinear) -> torch.Tensor:
+        """x @ mixed^T, computed once for the layers that read x one after another; the last of them drops it,
+        so a long prompt's product is not kept."""
+        if x is not self._input:
+            one_row = x.is_cuda and x.numel() == x.shape[-1] and fused.available()
+            self._input, self._product = x, fused.low_rank_project(x, self.mixed) if one_row else F.linear(x, self.mixed)
+        product = self._product
+        if layer is self.spans[-1][0]:
+            self._input = self._product = None
+        return product
+
+
+class LoraNorm(RMSNorm):
+    """The norm whose output the layers of a LoraInput read. On a one-row CUDA step one kernel normalizes and
+    computes the product of the LoraInput, which then needs no launch of its own."""
+
+    def __init__(self, norm: RMSNorm, source: LoraInput):
+        super().__init__(norm.weight, norm.eps)
+        self.source = [source]  # in a list, so the shared module is not registered here too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        # Eager calls skip the update while no adapter is active. A CUDA graph must always record it, or a
-        # mix chosen after the capture would be ignored by every replay.
-        if not (self.active or self.lora_a.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return out
+        source = self.source[0]
+        if not (source.active and x.is_cuda and x.numel() == x.shape[-1] and fused.available()):
+            return super().forward(x)
+        y, product = fused.rms_norm_project(x, self.weight, self.eps, source.mixed)
+        source.hold(y, product)
+        return y
+
+
+class LoraLinear(nn.Module):
+    """A linear layer plus the low-rank updates of every loaded adapter that targets it."""
+
+    def __init__(self, base: nn.Module, source: LoraInput, call_order: int, device: torch.device,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.base = base
+        self.call_order = call_order  # where the forward pass calls it among the layers sharing its input
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.source = [source]  # in a list, so the shared module is not registered under every layer
+        self.columns = (0, 0)  # this layer's columns of source's product
+        self.register_buffer("lora_b", torch.empty(self.out_features, 0, device=device, dtype=dtype), persistent=False)
+
+    def add(self, name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        self.lora_b = torch.cat((self.lora_b, b.to(self.lora_b)), dim=1)
+        self.source[0].add(self, name, a, scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        source = self.source[0]
+        if not source.active:
+            return self.base(x)
         # x is the layer's real input, before any act-order permutation inside a Q4Linear, as PEFT sees it.
-        return out + F.linear(F.linear(x, self.lora_a) * self.coefficients, self.lora_b)
+        start, end = self.columns
+        return self.base(x, low_rank=(source.project(x, self)[..., start:end], self.lora_b))
 
 
 @dataclass
@@ -146,20 +221,30 @@ class LoraSet:
 
     def _write(self, mix: dict[str, float]) -> None:
         for module in self.model.modules():
-            if isinstance(module, LoraLinear):
+            if isinstance(module, LoraInput):
                 module.set_mix(mix)
         self.mix = mix
 
     def _lora_layer(self, update: LowRankUpdate) -> LoraLinear:
-        """The LoraLinear the update belongs to, wrapping the plain linear layer there on first use."""
-        parent_path, _, attribute = update.module.rpartition(".")
-        parent = self.model.get_submodule(parent_path)
-        layer = getattr(parent, attribute)
-        if not isinstance(layer, LoraLinear):
-            # The block's norm tells its device: a 4-bit layer handed to the CUDA kernels keeps no tensors.
-            device = self.model.layers[update.block].input_layernorm.weight.device
-            layer = LoraLinear(layer, device, self.dtype)
-            setattr(parent, attribute, layer)
+        """The LoraLinear the update belongs to, wrapping the plain linear layer there on first use, with the
+        LoraInput it shares with the other layers of its block that read the same input."""
+        block = self.model.layers[update.block]
+        path = update.module.split(".", 2)[2]  # e.g. "self_attn.q_proj"
+        parent_path, _, attribute = path.rpartition(".")
+        layer = block.get_submodule(path)
+        if isinstance(layer, LoraLinear):
+            return layer
+        # The block's norm tells its device: a 4-bit layer handed to the CUDA kernels keeps no tensors.
+        device = block.input_layernorm.weight.device
+        ((siblings, norm),) = [(paths, norm) for paths, norm in SHARED_INPUTS if path in paths]
+        wrapped = [block.get_submodule(p) for p in siblings if isinstance(block.get_submodule(p), LoraLinear)]
+        source = wrapped[0].source[0] if wrapped else LoraInput(layer.in_features, device, self.dtype)
+        if not wrapped:
+            block.add_module("lora_input_" + siblings[0].replace(".", "_"), source)
+            if norm is not None:
+                setattr(block, norm, LoraNorm(getattr(block, norm), source))
+        layer = LoraLinear(layer, source, siblings.index(path), device, self.dtype)
+        setattr(block.get_submodule(parent_path), attribute, layer)
         return layer
 
 

@@ -19,7 +19,7 @@ from .cache import KVCache
 from .cuda import fused
 from .config import ModelConfig
 from .errors import ModelError
-from .quant import Q4Linear, dense_matmul
+from .quant import LowRank, Q4Linear, add_low_rank, dense_matmul
 
 
 class DenseLinear(nn.Module):
@@ -30,8 +30,8 @@ class DenseLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.out_features, self.in_features = weight.shape
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense_matmul(x, self.weight)
+    def forward(self, x: torch.Tensor, low_rank: LowRank | None = None) -> torch.Tensor:
+        return add_low_rank(dense_matmul(x, self.weight), low_rank)
 
 
 def as_linear(weight) -> nn.Module:

@@ -30,8 +30,8 @@ class SharedPrefixDecoder:
 
     Owns one SharedPrefixCache per layer, swapped into the model only while a step runs, so the model is
     left as the single-sample generator expects between steps. On one CUDA GPU each step is replayed from a
-    graph captured once per (rows, context slots, own slots), the slot counts rounded up to powers of two;
-    a model split over GPUs runs eagerly.
+    graph captured once per (rows, context slots, own slots, whether LoRA adapters apply), the slot counts
+    rounded up to powers of two; a model split over GPUs runs eagerly.
     """
 
     def __init__(self, loaded: LoadedModel, use_graphs: bool = True):
@@ -42,7 +42,9 @@ class SharedPrefixDecoder:
         self.context_len = 0
         self.position = 0  # where the next step's tokens go
         self.graphed = use_graphs and loaded.device.type == "cuda" and len(self.model.segments) == 1
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.adapters = loaded.adapters  # whether any is applied decides which graph a step replays
+        # (rows, context slots, own slots, with adapters) -> graph and its output
+        self.graphs: dict[tuple[int, int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None  # one memory pool for all graphs: they never run at the same time
         self.tokens: torch.Tensor | None = None  # the graphs' inputs: each row's token and the position
         self.positions: torch.Tensor | None = None
@@ -106,7 +108,7 @@ class SharedPrefixDecoder:
         rows = tokens.shape[0]
         self.tokens[:rows, 0].copy_(tokens)
         self.positions.fill_(self.position)
-        key = (rows, context_slots, own_slots)
+        key = (rows, context_slots, own_slots, bool(self.adapters.mix))
         if key not in self.graphs:
             # The warm-up runs write this very step's keys and values, so the caches stay right.
             self.graphs[key] = self._capture(rows, context_slots, own_slots)

@@ -63,6 +63,18 @@ def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     return q.reshape(words * PACK, cols).to(torch.uint8)
 
 
+# A LoRA update's second product, which a linear layer adds to its output: (h, b) adds h @ b^T, with
+# h [..., rank] and b [out, rank].
+LowRank = tuple[torch.Tensor, torch.Tensor]
+
+
+def add_low_rank(y: torch.Tensor, low_rank: LowRank | None) -> torch.Tensor:
+    if low_rank is None:
+        return y
+    h, b = low_rank
+    return y + F.linear(h, b)
+
+
 class Q4Linear(torch.nn.Module):
     """A bias-free linear layer with 4-bit weights in the internal form described above."""
 
@@ -125,10 +137,10 @@ class Q4Linear(torch.nn.Module):
         self.kernel = kernel
         self.packed = self.scale = self.offset = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, low_rank: LowRank | None = None) -> torch.Tensor:
+        """x @ W^T, plus low_rank's product when given (in the CUDA kernel's epilogue where it runs)."""
         if self.kernel is not None:
-            return self.kernel(x)
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)
-        weight = self.dense if self.dense is not None else self.dequantize(x.dtype)
-        return dense_matmul(x, weight.to(x.dtype))
+            return self.kernel(x, low_rank=low_rank)
+        y = dense_matmul(x if self.perm is None else x.index_select(-1, self.perm),
+                         (self.dense if self.dense is not None else self.dequantize(x.dtype)).to(x.dtype))
+        return add_low_rank(y, low_rank)

@@ -1,7 +1,7 @@
 """The chat page in a real browser (Debian's Chromium driven by Playwright) against the real server:
 app.py as a subprocess running the default model on CPU. One local-mode server serves every test in
-order (the last one restarts it); a second server with --auth starts alongside it for the accounts test.
-Screenshots of the main screens land in tests/screenshots/."""
+order (the last one restarts it); a second server with --auth and two LoRA adapters starts alongside it
+for the accounts and adapter tests. Screenshots of the main screens land in tests/screenshots/."""
 
 import json
 import re
@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
+from adapters import default_model_config, write_adapter  # noqa: E402
 from browser_helpers import ServerProcess, api  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -30,6 +31,10 @@ STORY = {**LONG, "max_reply_tokens": 400}  # for replies that a test stops long 
 LONG_PROMPT = "Write a long story about a dragon, at least ten paragraphs."
 # Several swipes written at once: seeded, so each of them differs from the others the same way every run.
 PARALLEL = {"max_reply_tokens": 24, "seed": 5}
+# Greedy, so that one prompt and one adapter always give one reply.
+GREEDY = {"max_reply_tokens": 16, "temperature": 0.0}
+# The LoRA adapters of the --auth server, small random ones (tests/adapters.py).
+ADAPTERS = ("calm", "wild")
 
 # The machine is shared and slow: waits are generous, and every wait is for something to happen.
 expect.set_options(timeout=45_000)
@@ -41,9 +46,15 @@ pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"needs Debia
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    """Both servers start at once, so that their model loads overlap."""
+    """Both servers start at once, so that their model loads overlap. The --auth one loads the adapters:
+    there the page is loaded before anyone logs in, the case where it must ask for them again later."""
+    folders = tmp_path_factory.mktemp("adapters")
+    config = default_model_config()
+    lora = [option for seed, name in enumerate(ADAPTERS)
+            for option in ("--lora", f"{name}={write_adapter(folders / name, config, seed)}")]
     local = ServerProcess(tmp_path_factory.mktemp("local-sessions")).start()
-    accounts = ServerProcess(tmp_path_factory.mktemp("auth-sessions"), None, "--auth", "--allow-register").start()
+    accounts = ServerProcess(tmp_path_factory.mktemp("auth-sessions"), None, "--auth", "--allow-register",
+                             *lora).start()
     yield {"local": local, "auth": accounts}
     local.stop()
     accounts.stop()
@@ -126,6 +137,25 @@ def open_chat(tab, server, session_id):
     expect(tab.locator("#connection-status")).to_have_class(re.compile(r"\bonline\b"))
     expect(tab.locator("#message-input")).to_be_enabled()
     expect(tab.locator(f'#session-list [data-id="{session_id}"]')).to_have_class(re.compile(r"\bcurrent\b"))
+
+
+def sign_up(tab, server, name):
+    """A new account on the --auth server, logged in from the login screen of a freshly loaded page."""
+    tab.goto(server.url)
+    tab.get_by_label("User name").fill(name)
+    tab.get_by_label("Password").fill(f"{name}-password")
+    tab.get_by_role("button", name="Create account", exact=True).click()
+    expect(tab.locator("#user-name")).to_have_text(f"Logged in as {name}")
+
+
+def session_file(server, user, session_id):
+    """The session as the server stored it on disk; the local mode's user is "local"."""
+    return json.loads((server.sessions_dir / user / f"{session_id}.json").read_text())
+
+
+def open_setup(tab, panel="Participants"):
+    tab.get_by_role("button", name="Chat setup", exact=True).click()
+    tab.get_by_role("tab", name=panel).click()
 
 
 def send(tab, text):
@@ -353,6 +383,131 @@ def test_multibot_with_two_bots(tab, chat_server):
     doc = get_session(tab, session["id"])
     assert doc["messages"][-1]["author"] == "Bob"
     shot(tab, "desktop-multibot")
+
+
+def test_the_session_adapter_is_chosen_in_settings_and_kept(tab, auth_server):
+    # The page loads before the login: the adapters are asked for only once the server answers.
+    sign_up(tab, auth_server, "lora-settings")
+    tab.get_by_role("button", name="New chat", exact=True).click()
+    expect(tab.locator("#message-input")).to_be_enabled()
+    session_id = tab.evaluate("location.hash.slice(1)")
+    open_setup(tab, "Settings")
+    picker = tab.get_by_label("LoRA adapter")
+    expect(picker.locator("option")).to_have_text(["None: the model as it is", *ADAPTERS])
+    expect(picker).to_have_value("")
+    picker.select_option("wild")
+    expect(tab.locator("#settings-form .form-status")).to_have_text("Not saved yet")
+    tab.get_by_role("button", name="Save settings", exact=True).click()
+    expect(tab.locator("#settings-form .form-status")).to_have_text("Saved")
+    assert session_file(auth_server, "lora-settings", session_id)["settings"]["adapter"] == "wild"
+    shot(tab, "desktop-settings-adapter")
+
+    # After a reload the picker shows the stored choice among the same adapters.
+    tab.reload()
+    expect(tab.locator("#message-input")).to_be_enabled()
+    open_setup(tab, "Settings")
+    expect(picker.locator("option")).to_have_text(["None: the model as it is", *ADAPTERS])
+    expect(picker).to_have_value("wild")
+    assert get_session(tab, session_id)["settings"]["adapter"] == "wild"
+
+
+def test_each_bot_speaks_with_the_adapter_picked_for_it(tab, auth_server):
+    sign_up(tab, auth_server, "lora-bots")
+    session = create_session(tab, auth_server, settings=GREEDY)
+    open_chat(tab, auth_server, session["id"])
+    open_setup(tab)
+    rows = tab.locator("#participant-rows .participant")
+    rows.nth(1).get_by_label("Name").fill("Alice")
+    tab.get_by_role("button", name="Add bot", exact=True).click()
+    expect(rows).to_have_count(3)
+    rows.nth(2).get_by_label("Name").fill("Bob")
+    for row in (1, 2):
+        expect(rows.nth(row).get_by_label("Adapter").locator("option")).to_have_text(["The session default", *ADAPTERS])
+    rows.nth(1).get_by_label("Adapter").select_option("calm")
+    rows.nth(2).get_by_label("Adapter").select_option("wild")
+    tab.get_by_role("button", name="Save participants", exact=True).click()
+    expect(tab.locator("#participants-form .form-status")).to_have_text("Saved")
+    stored = session_file(auth_server, "lora-bots", session["id"])["participants"]
+    assert [(p["name"], p.get("adapter")) for p in stored] == [("You", None), ("Alice", "calm"), ("Bob", "wild")]
+    shot(tab, "desktop-participant-adapters")
+
+    tab.reload()
+    expect(tab.locator("#message-input")).to_be_enabled()
+    open_setup(tab)
+    expect(rows.nth(1).get_by_label("Adapter")).to_have_value("calm")
+    expect(rows.nth(2).get_by_label("Adapter")).to_have_value("wild")
+
+    # Alice replies with calm. Greedy replies are the same whenever the adapter is: a new alternative
+    # written after her picker is set back to the session default (none) differs, and one written with
+    # calm as the session default is her first reply again.
+    tab.get_by_label("Reply from").select_option("Alice")
+    send(tab, "Ahoy! Who goes there?")
+    wait_idle(tab, 1)
+    bot = tab.locator("#message-list .message.bot").last
+    expect(bot).to_have_attribute("data-author", "Alice")
+    rows.nth(1).get_by_label("Adapter").select_option("")
+    tab.get_by_role("button", name="Save participants", exact=True).click()
+    expect(tab.locator("#participants-form .form-status")).to_have_text("Saved")
+    assert "adapter" not in session_file(auth_server, "lora-bots", session["id"])["participants"][1]
+    bot.get_by_role("button", name="Write a new alternative", exact=True).click()
+    expect(bot.locator(".swipe-count")).to_have_text("2/2")
+    wait_idle(tab, 1)
+    tab.get_by_role("tab", name="Settings").click()
+    tab.get_by_label("LoRA adapter").select_option("calm")
+    tab.get_by_role("button", name="Save settings", exact=True).click()
+    expect(tab.locator("#settings-form .form-status")).to_have_text("Saved")
+    bot.get_by_role("button", name="Write a new alternative", exact=True).click()
+    expect(bot.locator(".swipe-count")).to_have_text("3/3")
+    wait_idle(tab, 1)
+    doc = session_file(auth_server, "lora-bots", session["id"])
+    assert doc["settings"]["adapter"] == "calm"
+    calm, plain, calm_by_default = [swipe["text"] for swipe in doc["messages"][1]["swipes"]]
+    assert calm and calm == calm_by_default and plain != calm
+
+
+def test_without_adapters_the_pickers_stay_hidden(tab, chat_server):
+    # This server loaded no adapters. A chat that names some (made on another server) still shows them,
+    # marked, so that nothing is dropped unseen; once set to none, the pickers go away.
+    session = create_session(tab, chat_server, settings={**FAST, "adapter": "calm"}, participants=[
+        {"name": "You", "persona": "", "is_user": True},
+        {"name": "Alice", "persona": "", "is_user": False, "adapter": "wild"},
+        {"name": "Bob", "persona": "", "is_user": False},
+    ])
+    open_chat(tab, chat_server, session["id"])
+    open_setup(tab)
+    rows = tab.locator("#participant-rows .participant")
+    alice = rows.nth(1).get_by_label("Adapter")
+    expect(alice.locator("option")).to_have_text(["The session default", "wild (not loaded)"])
+    expect(alice).to_have_value("wild")
+    for row in (0, 2):
+        expect(rows.nth(row).get_by_label("Name")).to_be_visible()
+        expect(rows.nth(row).locator('select[name="adapter"]')).to_be_hidden()
+    tab.get_by_role("tab", name="Settings").click()
+    picker = tab.get_by_label("LoRA adapter")
+    expect(picker.locator("option")).to_have_text(["None: the model as it is", "calm (not loaded)"])
+    expect(picker).to_have_value("calm")
+
+    # Replies are refused, with the reason.
+    send(tab, "Hello?")
+    expect(notice(tab, "No LoRA adapter named 'calm' is loaded")).to_be_visible()
+
+    picker.select_option("")
+    tab.get_by_role("button", name="Save settings", exact=True).click()
+    expect(tab.locator("#settings-form .form-status")).to_have_text("Saved")
+    expect(tab.locator("#setting-adapter")).to_be_hidden()
+    expect(tab.locator("#setting-temperature")).to_be_visible()
+    tab.get_by_role("tab", name="Participants").click()
+    alice.select_option("")
+    tab.get_by_role("button", name="Save participants", exact=True).click()
+    expect(tab.locator("#participants-form .form-status")).to_have_text("Saved")
+    expect(rows.nth(1).locator('select[name="adapter"]')).to_be_hidden()
+    expect(tab.locator('#setup select[name="adapter"]:visible')).to_have_count(0)
+    doc = session_file(chat_server, "local", session["id"])
+    assert doc["settings"]["adapter"] is None and all("adapter" not in p for p in doc["participants"])
+
+    # And the bots reply again.
+    send(tab, "Hello again?")
+    wait_idle(tab, 1)
 
 
 def test_edit_delete_and_rewind(tab, chat_server):

@@ -95,3 +95,11 @@ def test_bifurcated_attention(samples, heads, kv_heads, dim):
     out = fused.bifurcated_attention(q, context_keys, context_values, torch.tensor([context_len], device=CUDA),
                                      max_context, own_keys, own_values, slot)
     assert relative_error(out, out_ref.squeeze(2)) < 2e-3
+
+
+@pytest.mark.parametrize("rank,width", [(16, 4096), (48, 4096), (5, 11008), (3, 576)])
+def test_low_rank_project(rank, width):
+    x = torch.randn(1, 1, width, device=CUDA, dtype=torch.float16)
+    a = torch.randn(rank, width, device=CUDA, dtype=torch.float16) * width**-0.5
+    reference = x.double() @ a.double().t()
+    assert relative_error(fused.low_rank_project(x, a), reference) < 2e-3

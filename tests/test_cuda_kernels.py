@@ -141,3 +141,18 @@ def test_matmul_keeps_leading_dimensions():
     y = q4.prepare(layer).matmul(x)
     assert y.shape == (2, 3, 272)
     assert relative_error(y, reference(layer, x)) < 2e-3
+
+
+@needs_gpu
+@pytest.mark.parametrize("rows", [1, 7, 16, 17])
+def test_matmul_adds_a_low_rank_update_in_its_epilogue(rows):
+    """y = x[:, perm] @ W^T + h @ b^T, with h a column slice of a wider product as a LoRA layer passes it."""
+    gen = torch.Generator().manual_seed(rows)
+    layer = random_layer(1088, 520, 64, True, gen, device="cuda")
+    x = torch.randn(rows, 1088, generator=gen).half().cuda()
+    product = torch.randn(rows, 40, generator=gen).half().cuda()
+    h, b = product[:, 8:24], (torch.randn(520, 16, generator=gen) * 0.1).half().cuda()
+    out = torch.full((rows, 520), float("nan"), dtype=torch.float16, device="cuda")
+    q4.prepare(layer).matmul(x, out, low_rank=(h, b))
+    expected = reference(layer, x) + h.double() @ b.double().t()
+    assert relative_error(out, expected) < 2e-3

@@ -5,8 +5,6 @@ the real default model on CPU with two small random adapters."""
 import json
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 import engine
 from engine.generator import Generator
@@ -14,6 +12,7 @@ from engine.sampling import SamplingSettings
 from webui import create_app
 from webui.prompt import build_prompt
 
+from adapters import write_adapter
 from conftest import make_config
 
 GREEDY = {"temperature": 0.0, "max_reply_tokens": 8}
@@ -22,28 +21,6 @@ PARTY = [
     {"name": "Alice", "persona": "Alice is a pirate captain.", "is_user": False, "adapter": "beta"},
     {"name": "Bob", "persona": "Bob is a talking parrot.", "is_user": False},  # speaks with the session default
 ]
-TARGETS = ("q_proj", "v_proj", "down_proj")
-
-
-def write_adapter(folder, model, seed: int) -> str:
-    """A PEFT LoRA folder (rank 4) with random factors big enough to change what the model says. Written
-    directly rather than through peft, which needs the 15 s HF reference model; tests/test_lora.py checks
-    that the engine reads peft's own files the way peft applies them."""
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for block in range(len(model.model.layers)):
-        for target in TARGETS:
-            part = "mlp" if target == "down_proj" else "self_attn"
-            layer = model.model.get_submodule(f"layers.{block}.{part}.{target}")
-            key = f"base_model.model.model.layers.{block}.{part}.{target}"
-            a = torch.randn(4, layer.in_features, generator=generator) / layer.in_features ** 0.5
-            tensors[f"{key}.lora_A.weight"] = a
-            tensors[f"{key}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=generator) * 0.25
-    folder.mkdir()
-    save_file(tensors, folder / "adapter_model.safetensors")
-    settings = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": list(TARGETS), "bias": "none"}
-    (folder / "adapter_config.json").write_text(json.dumps(settings))
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +30,7 @@ def lora_model(tmp_path_factory):
     model = engine.load_model("default", device="cpu")
     root = tmp_path_factory.mktemp("adapters")
     for seed, name in enumerate(["alpha", "beta"]):
-        model.adapters.load(name, write_adapter(root / name, model, seed))
+        model.adapters.load(name, write_adapter(root / name, model.config, seed))
     return model
 
 

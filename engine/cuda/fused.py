@@ -1,5 +1,6 @@
-"""Fused Triton kernels for the decode step: RMSNorm, RoPE with the KV-cache write, SiLU-multiply, and
-decode attention, for one sequence or for n samples sharing a context (bifurcated attention).
+"""Fused Triton kernels for the decode step: RMSNorm, RoPE with the KV-cache write, SiLU-multiply, decode
+attention, for one sequence or for n samples sharing a context (bifurcated attention), and the first
+product of a LoRA update.
 
 At batch 1 every small PyTorch op is a kernel of a few microseconds, and a Llama layer has dozens of
 them; these kernels do each job in one launch. Attention reads the valid length from a tensor, so a
@@ -169,7 +170,35 @@ def _kernels():
             norm += tl.sum(own_sum * own_weight, axis=0)
         tl.store(out_ptr + q_row + d, (total / norm).to(out_ptr.dtype.element_ty))
 
-    return rms_norm_kernel, rope_store_kernel, silu_mul_kernel, attention_parts_kernel, merge_parts_kernel
+    @triton.jit
+    def low_rank_project_kernel(x_ptr, a_ptr, h_ptr, n, BLOCK: tl.constexpr):
+        # Program i: output i of one row, h = x @ a^T, in a single load of x and of a's row i, so that each
+        # program waits for memory once and the reads of a spread over many multiprocessors.
+        i = tl.program_id(0)
+        k = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + k, mask=k < n, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + i * n + k, mask=k < n, other=0.0).to(tl.float32)
+        tl.store(h_ptr + i, tl.sum(a * x, axis=0).to(h_ptr.dtype.element_ty))
+
+    @triton.jit
+    def rms_norm_project_kernel(x_ptr, w_ptr, a_ptr, y_ptr, h_ptr, n, eps, BLOCK: tl.constexpr):
+        # RMSNorm of one row, then h = y @ a^T: program 0 stores y, program i > 0 computes y again (x is
+        # small) and output i - 1 of h, so the low-rank product needs no launch of its own.
+        i = tl.program_id(0)
+        k = tl.arange(0, BLOCK)
+        mask = k < n
+        x = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
+        w = tl.load(w_ptr + k, mask=mask, other=0.0)
+        y = (x * rstd).to(w.dtype) * w
+        if i == 0:
+            tl.store(y_ptr + k, y, mask=mask)
+        else:
+            a = tl.load(a_ptr + (i - 1) * n + k, mask=mask, other=0.0).to(tl.float32)
+            tl.store(h_ptr + i - 1, tl.sum(a * y.to(tl.float32), axis=0).to(h_ptr.dtype.element_ty))
+
+    return (rms_norm_kernel, rope_store_kernel, silu_mul_kernel, attention_parts_kernel, merge_parts_kernel,
+            low_rank_project_kernel, rms_norm_project_kernel)
 
 
 def _next_pow2(n: int) -> int:
@@ -201,6 +230,26 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n = gate.numel()
     kernel[(-(-n // 1024),)](gate, up, out, n, BLOCK=1024)
     return out
+
+
+def low_rank_project(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """x @ a^T for one row x [..., n] and a [rank, n] with a small rank: a LoRA update's first product."""
+    kernel = _kernels()[5]
+    rank, n = a.shape
+    h = x.new_empty(*x.shape[:-1], rank)
+    kernel[(rank,)](x.contiguous(), a, h, n, BLOCK=_next_pow2(n), num_warps=8)
+    return h
+
+
+def rms_norm_project(x: torch.Tensor, weight: torch.Tensor, eps: float, a: torch.Tensor):
+    """(y, y @ a^T) for y the RMSNorm of one row x [..., n], in one launch: a norm and the first product of
+    the LoRA updates of the layers that read its output."""
+    kernel = _kernels()[6]
+    rank, n = a.shape
+    y = torch.empty_like(x)
+    h = x.new_empty(*x.shape[:-1], rank)
+    kernel[(1 + rank,)](x.contiguous(), weight, a, y, h, n, eps, BLOCK=_next_pow2(n), num_warps=8)
+    return y, h
 
 
 ATTENTION_BLOCK = 64
@@ -238,7 +287,7 @@ def bifurcated_attention(q, context_keys, context_values, context_len, max_conte
 def _attention(q, keys, values, length, length_bias: int, max_length: int, out, own=None) -> None:
     """Attention of q [n, q_heads, dim] over slots 0..length + length_bias - 1 of keys / values [kv_heads,
     slots, dim] into out [n, q_heads, dim]; with `own`, each sample also attends over its own cache."""
-    _, _, _, parts_kernel, merge_kernel = _kernels()
+    parts_kernel, merge_kernel = _kernels()[3:5]
     samples, q_heads, dim = q.shape
     kv_heads, max_seq = keys.shape[0], keys.shape[1]
     group = q_heads // kv_heads

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..quant import Q4Linear, unpack_rows
+from ..quant import LowRank, Q4Linear, unpack_rows
 from .build import extension
 
 SLICE_N = 32  # outputs per kernel step: two tiles of 16
@@ -85,9 +85,10 @@ class PreparedQ4:
     in_features: int
     out_features: int
 
-    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None, *, mode: int = 0,
-               overlap: bool = True) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None, *, low_rank: LowRank | None = None,
+               mode: int = 0, overlap: bool = True) -> torch.Tensor:
         """y = x[..., perm] @ W^T for x [..., in_features] float16; written into `out` if given.
+        `low_rank` (h, b) adds h @ b^T, a LoRA update, in the kernel's epilogue.
 
         For tests and the benchmark: `mode` picks how the kernel reads x (0 chooses: shared memory
         when it fits; 1 global memory; 2 shared memory), and `overlap=False` turns off starting
@@ -106,14 +107,18 @@ class PreparedQ4:
             y = out.view(rows, self.out_features)
         if rows == 0:
             return y.view(*lead, self.out_features)
+        h, b = (None, None) if low_rank is None else (low_rank[0].reshape(rows, -1), low_rank[1])
         ext = extension()
         if rows <= MAX_KERNEL_ROWS:
-            ext.matmul(x2, self.weights, self.scales, self.perm, self.group_magic, self.out_features, y, mode, overlap)
+            ext.matmul(x2, self.weights, self.scales, self.perm, self.group_magic, self.out_features, y, h, b, mode,
+                       overlap)
         else:
             w = ext.dequantize(self.weights, self.scales, self.group_magic, self.in_features, self.out_features)
             if self.perm is not None:
                 x2 = x2.index_select(1, self.perm)
             torch.matmul(x2, w.t(), out=y)
+            if low_rank is not None:
+                y.addmm_(h, b.t())
         return y.view(*lead, self.out_features)
 
     __call__ = matmul

@@ -35,7 +35,8 @@ void check_prepared(const torch::Tensor& weights, const torch::Tensor& scales, i
 // global memory, 2 stage x in shared memory) and `overlap` (see q4_kernels.h) exist for tests
 // and the benchmark.
 torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scales, std::optional<torch::Tensor> perm,
-                     int64_t group_magic, int64_t out_features, torch::Tensor y, int64_t mode, bool overlap) {
+                     int64_t group_magic, int64_t out_features, torch::Tensor y, std::optional<torch::Tensor> lora_h,
+                     std::optional<torch::Tensor> lora_b, int64_t mode, bool overlap) {
   const int64_t in_features = x.size(-1);
   check_prepared(weights, scales, in_features, out_features);
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kFloat16 && x.dim() == 2,
@@ -51,6 +52,16 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scale
     TORCH_CHECK(perm->is_cuda() && perm->scalar_type() == torch::kInt32 && perm->is_contiguous() &&
                     perm->numel() == in_features,
                 "q4: perm must be a contiguous int32 CUDA tensor of in_features entries");
+  }
+  TORCH_CHECK(lora_h.has_value() == lora_b.has_value(), "q4: a LoRA update needs both h and b");
+  if (lora_b) {
+    TORCH_CHECK(lora_b->is_cuda() && lora_b->scalar_type() == torch::kFloat16 && lora_b->is_contiguous() &&
+                    lora_b->dim() == 2 && lora_b->size(0) == out_features && lora_b->get_device() == x.get_device(),
+                "q4: LoRA b must be a contiguous float16 CUDA tensor [out_features, rank] on x's device");
+    TORCH_CHECK(lora_h->is_cuda() && lora_h->scalar_type() == torch::kFloat16 && lora_h->dim() == 2 &&
+                    lora_h->size(0) == rows && lora_h->size(1) == lora_b->size(1) && lora_h->stride(1) == 1 &&
+                    lora_h->get_device() == x.get_device(),
+                "q4: LoRA h must be a float16 CUDA tensor [rows, rank] with contiguous rows on x's device");
   }
 
   const c10::cuda::CUDAGuard guard(x.device());
@@ -79,6 +90,12 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scale
   args.group_magic = uint32_t(group_magic);
   args.y = reinterpret_cast<half*>(y.data_ptr<at::Half>());
   args.out_features = int(out_features);
+  if (lora_b && lora_b->size(1) > 0) {
+    args.lora_h = reinterpret_cast<const half*>(lora_h->data_ptr<at::Half>());
+    args.lora_h_stride = int(lora_h->stride(0));
+    args.lora_b = reinterpret_cast<const half*>(lora_b->data_ptr<at::Half>());
+    args.lora_rank = int(lora_b->size(1));
+  }
   const cudaError_t err = q4::matmul(args, staged, overlap, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "q4 matmul launch failed (", rows, " rows, x ",
               staged ? "in shared memory" : "from global memory", "): ", cudaGetErrorString(err));

@@ -239,6 +239,42 @@ __device__ __forceinline__ void stage_x(half* xs, const MatmulArgs& a) {
   }
 }
 
+// Adds (h @ b^T)[row, col], the LoRA update of this slice's outputs, to `sums` (warp 0's partial
+// sums, which the store adds up with the other warps'). Eight lanes share each dot product, so every
+// thread of the block works and each waits for one or two loads, then a shuffle reduces. Every
+// thread runs the same number of iterations, as the shuffles need whole warps. h was written by the
+// previous kernel: call this only after wait_for_previous_kernel.
+template <int kRowTiles>
+__device__ __forceinline__ void add_low_rank(float (&sums)[kSliceN][kRowTiles * 8], const MatmulArgs& a, int slice) {
+  constexpr int kLanesPerDot = 8;
+  for (int e = threadIdx.x; e < kSliceN * a.rows * kLanesPerDot; e += kWarps * 32) {
+    const int dot = e / kLanesPerDot, part = e % kLanesPerDot;
+    const int o = dot % kSliceN, row = dot / kSliceN, col = slice * kSliceN + o;
+    float sum = 0.f;
+    if (col < a.out_features) {
+      const half* h = a.lora_h + size_t(row) * a.lora_h_stride;
+      const half* b = a.lora_b + size_t(col) * a.lora_rank;
+      for (int j = part; j < a.lora_rank; j += kLanesPerDot) sum += __half2float(h[j]) * __half2float(b[j]);
+    }
+#pragma unroll
+    for (int offset = kLanesPerDot / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (part == 0) sums[o][row] += sum;
+  }
+}
+
+// Start moving the block's rows of the LoRA b into L2 while the weights stream, so that the epilogue
+// does not wait for memory.
+__device__ __forceinline__ void prefetch_low_rank(const MatmulArgs& a) {
+  const size_t slice_bytes = size_t(kSliceN) * a.lora_rank * sizeof(half);
+  const size_t total_bytes = size_t(a.out_features) * a.lora_rank * sizeof(half);
+  const size_t line = threadIdx.x * size_t(128);
+  const char* b = reinterpret_cast<const char*>(a.lora_b);
+  for (int slice = blockIdx.x; slice * kSliceN < a.out_features; slice += gridDim.x) {
+    const size_t offset = size_t(slice) * slice_bytes + line;
+    if (line < slice_bytes && offset < total_bytes) asm volatile("prefetch.global.L2 [%0];" ::"l"(b + offset));
+  }
+}
+
 // Position in a block's run of steps: slice (32 outputs; the block owns slices blockIdx.x,
 // blockIdx.x + gridDim.x, ...) and k_step; warp w handles input tile kt = w + k_step * kWarps
 // (empty past the last input tile), so all warps reach each slice's end together.
@@ -301,6 +337,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2) matmul_kernel(const MatmulArgs
     commit_copies();  // empty groups too: wait_copies counts groups
     advance(next, k_steps);
   }
+  if (a.lora_rank) prefetch_low_rank(a);
   wait_for_previous_kernel();
   if (kStaged) {
     stage_x(xs, a);
@@ -362,6 +399,10 @@ __global__ void __launch_bounds__(kWarps * 32, 2) matmul_kernel(const MatmulArgs
       }
     }
     __syncthreads();
+    if (a.lora_rank) {
+      add_low_rank<kRowTiles>(partial[0], a, cur.slice);
+      __syncthreads();
+    }
     for (int e = threadIdx.x; e < kSliceN * a.rows; e += kWarps * 32) {
       const int o = e % kSliceN, row = e / kSliceN;
       float sum = 0.f;

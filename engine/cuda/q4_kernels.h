@@ -23,6 +23,11 @@ struct MatmulArgs {
   uint32_t group_magic;   // group of input k = umulhi(k, group_magic)
   half* y;                // [rows, out_features]
   int out_features;
+  // A LoRA update added in the epilogue, y += h @ b^T, when rank > 0.
+  const half* lora_h;     // [rows, rank], rows lora_h_stride halves apart
+  int lora_h_stride;
+  const half* lora_b;     // [out_features, rank]
+  int lora_rank;
 };
 
 struct DequantArgs {

@@ -68,6 +68,7 @@ function start() {
     else if (newest) openSession(newest.id);
   });
   showModelInfo();
+  setup.loadAdapters();
 }
 
 /** Back to the login screen: the connection closes itself, since the server keeps it open. */

@@ -136,9 +136,9 @@ export class SetupPanel {
       this.participants.showStatus('Not saved yet');
       rows.lastElementChild.querySelector('input[name="name"]').select();
     });
-    this.loadAdapters();
   }
 
+  /** Called once logged in: with --auth, the server tells nobody else which adapters it has. */
   async loadAdapters() {
     try {
       this.adapters = (await get('/api/model')).adapters || [];
