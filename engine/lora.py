@@ -118,12 +118,17 @@ class LoraInput(nn.Module):
         """x @ mixed^T, computed once for the layers that read x one after another; the last of them drops it,
         so a long prompt's product is not kept."""
         if x is not self._input:
-            one_row = x.is_cuda and x.numel() == x.shape[-1] and fused.available()
-            self._input, self._product = x, fused.low_rank_project(x, self.mixed) if one_row else F.linear(x, self.mixed)
+            self._input = x
+            self._product = fused.low_rank_project(x, self.mixed) if one_row_on_gpu(x) else F.linear(x, self.mixed)
         product = self._product
         if layer is self.spans[-1][0]:
             self._input = self._product = None
         return product
+
+
+def one_row_on_gpu(x: torch.Tensor) -> bool:
+    """Whether x is a decode step's single row on the GPU, which the fused one-row kernels serve."""
+    return x.is_cuda and x.numel() == x.shape[-1] and fused.available()
 
 
 class LoraNorm(RMSNorm):
@@ -136,7 +141,7 @@ class LoraNorm(RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         source = self.source[0]
-        if not (source.active and x.is_cuda and x.numel() == x.shape[-1] and fused.available()):
+        if not (source.active and one_row_on_gpu(x)):
             return super().forward(x)
         y, product = fused.rms_norm_project(x, self.weight, self.eps, source.mixed)
         source.hold(y, product)

@@ -141,6 +141,7 @@ class Q4Linear(torch.nn.Module):
         """x @ W^T, plus low_rank's product when given (in the CUDA kernel's epilogue where it runs)."""
         if self.kernel is not None:
             return self.kernel(x, low_rank=low_rank)
-        y = dense_matmul(x if self.perm is None else x.index_select(-1, self.perm),
-                         (self.dense if self.dense is not None else self.dequantize(x.dtype)).to(x.dtype))
-        return add_low_rank(y, low_rank)
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        weight = self.dense if self.dense is not None else self.dequantize(x.dtype)
+        return add_low_rank(dense_matmul(x, weight.to(x.dtype)), low_rank)

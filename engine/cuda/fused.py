@@ -171,34 +171,27 @@ def _kernels():
         tl.store(out_ptr + q_row + d, (total / norm).to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def low_rank_project_kernel(x_ptr, a_ptr, h_ptr, n, BLOCK: tl.constexpr):
-        # Program i: output i of one row, h = x @ a^T, in a single load of x and of a's row i, so that each
-        # program waits for memory once and the reads of a spread over many multiprocessors.
-        i = tl.program_id(0)
-        k = tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + k, mask=k < n, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + i * n + k, mask=k < n, other=0.0).to(tl.float32)
-        tl.store(h_ptr + i, tl.sum(a * x, axis=0).to(h_ptr.dtype.element_ty))
-
-    @triton.jit
-    def rms_norm_project_kernel(x_ptr, w_ptr, a_ptr, y_ptr, h_ptr, n, eps, BLOCK: tl.constexpr):
-        # RMSNorm of one row, then h = y @ a^T: program 0 stores y, program i > 0 computes y again (x is
-        # small) and output i - 1 of h, so the low-rank product needs no launch of its own.
-        i = tl.program_id(0)
+    def low_rank_project_kernel(x_ptr, w_ptr, a_ptr, y_ptr, h_ptr, n, eps, NORM: tl.constexpr, BLOCK: tl.constexpr):
+        # h = y @ a^T for one row, where y is x, or with NORM its RMSNorm. Program i computes output i of h
+        # from a single load of y and of a's row i, so that each program waits for memory once and the reads
+        # of a spread over many multiprocessors; with NORM, program 0 stores y instead and the others are
+        # shifted by one.
+        i = tl.program_id(0) - NORM
         k = tl.arange(0, BLOCK)
         mask = k < n
-        x = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
-        w = tl.load(w_ptr + k, mask=mask, other=0.0)
-        y = (x * rstd).to(w.dtype) * w
-        if i == 0:
-            tl.store(y_ptr + k, y, mask=mask)
+        y = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            rstd = tl.rsqrt(tl.sum(y * y, axis=0) / n + eps)
+            w = tl.load(w_ptr + k, mask=mask, other=0.0)
+            y = ((y * rstd).to(w.dtype) * w).to(tl.float32)  # rounded as rms_norm_kernel rounds it
+        if i < 0:
+            tl.store(y_ptr + k, y.to(y_ptr.dtype.element_ty), mask=mask)
         else:
-            a = tl.load(a_ptr + (i - 1) * n + k, mask=mask, other=0.0).to(tl.float32)
-            tl.store(h_ptr + i - 1, tl.sum(a * y.to(tl.float32), axis=0).to(h_ptr.dtype.element_ty))
+            a = tl.load(a_ptr + i * n + k, mask=mask, other=0.0).to(tl.float32)
+            tl.store(h_ptr + i, tl.sum(a * y, axis=0).to(h_ptr.dtype.element_ty))
 
     return (rms_norm_kernel, rope_store_kernel, silu_mul_kernel, attention_parts_kernel, merge_parts_kernel,
-            low_rank_project_kernel, rms_norm_project_kernel)
+            low_rank_project_kernel)
 
 
 def _next_pow2(n: int) -> int:
@@ -234,22 +227,24 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def low_rank_project(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """x @ a^T for one row x [..., n] and a [rank, n] with a small rank: a LoRA update's first product."""
-    kernel = _kernels()[5]
-    rank, n = a.shape
-    h = x.new_empty(*x.shape[:-1], rank)
-    kernel[(rank,)](x.contiguous(), a, h, n, BLOCK=_next_pow2(n), num_warps=8)
+    h = x.new_empty(*x.shape[:-1], a.shape[0])
+    _project(x, a, h)
     return h
 
 
 def rms_norm_project(x: torch.Tensor, weight: torch.Tensor, eps: float, a: torch.Tensor):
     """(y, y @ a^T) for y the RMSNorm of one row x [..., n], in one launch: a norm and the first product of
     the LoRA updates of the layers that read its output."""
-    kernel = _kernels()[6]
-    rank, n = a.shape
-    y = torch.empty_like(x)
-    h = x.new_empty(*x.shape[:-1], rank)
-    kernel[(1 + rank,)](x.contiguous(), weight, a, y, h, n, eps, BLOCK=_next_pow2(n), num_warps=8)
+    y, h = torch.empty_like(x), x.new_empty(*x.shape[:-1], a.shape[0])
+    _project(x, a, h, norm=(weight, eps, y))
     return y, h
+
+
+def _project(x, a, h, norm=None) -> None:
+    rank, n = a.shape
+    weight, eps, y = norm if norm is not None else (x, 0.0, x)  # x stands in for the pointers left unused
+    _kernels()[5][(rank + (norm is not None),)](x.contiguous(), weight, a, y, h, n, eps, NORM=norm is not None,
+                                                BLOCK=_next_pow2(n), num_warps=8)
 
 
 ATTENTION_BLOCK = 64

@@ -106,15 +106,10 @@ export class Sidebar {
   async rename(summary) {
     const title = await promptDialog('New title for this chat:', summary.title);
     if (title === null || title.trim() === summary.title) return;
-    try {
+    await this.changeFromMenu(async () => {
       const { session } = await patch(`/api/sessions/${summary.id}`, { revision: this.revisionOf(summary), title });
       this.session.takeDoc(session);
-      this.menuFor = null;
-      await this.refresh();
-    } catch (error) {
-      notifyError(error);
-      this.refresh();
-    }
+    });
   }
 
   async duplicate(summary) {
@@ -130,9 +125,16 @@ export class Sidebar {
 
   async remove(summary) {
     if (!(await confirmDialog(`Delete “${summary.title}” for good?`, 'Delete'))) return;
-    try {
+    await this.changeFromMenu(async () => {
       this.onDelete(summary.id);
       await del(`/api/sessions/${summary.id}?revision=${this.revisionOf(summary)}`);
+    });
+  }
+
+  /** A change to a chat from its menu; afterwards the list shows what the server has, failed or not. */
+  async changeFromMenu(change) {
+    try {
+      await change();
       this.menuFor = null;
       await this.refresh();
     } catch (error) {
