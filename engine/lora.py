@@ -9,7 +9,8 @@ gate and up) share one LoraInput, which stacks all their adapters' A factors, pr
 
 so a forward pass costs one product x @ mixed^T per input, and each layer adds its columns of it times
 its B, which the 4-bit CUDA kernel does in its epilogue without a launch of its own. On a one-row CUDA
-step the product itself runs in the norm's kernel where a norm precedes the layers (LoraNorm).
+step the product itself runs in the kernel that writes the input, where that is a norm (LoraNorm) or
+the MLP's activation (LoraSiluMul).
 
 Choosing a request's mix rewrites `mixed` in place, so no tensor changes shape or address and a captured
 CUDA graph stays valid: the decoders keep two graphs per shape, one captured with adapters applied, which
@@ -34,7 +35,7 @@ from torch import nn
 
 from .cuda import fused
 from .errors import ModelError
-from .model import RMSNorm
+from .model import RMSNorm, SiluMul
 
 ADAPTABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -61,12 +62,12 @@ UNSUPPORTED_SETTINGS = {
 }
 
 
-# The layers of a block that read one input, in the order the forward pass calls them, and the norm
-# whose output that input is, if any.
+# The layers of a block that read one input, in the order the forward pass calls them, and the module
+# whose output that input is, where a fused kernel of that module can compute the product too.
 SHARED_INPUTS = ((("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
                  (("self_attn.o_proj",), None),
                  (("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
-                 (("mlp.down_proj",), None))
+                 (("mlp.down_proj",), "mlp.act"))
 
 
 class LoraInput(nn.Module):
@@ -148,6 +149,27 @@ class LoraNorm(RMSNorm):
         return y
 
 
+class LoraSiluMul(SiluMul):
+    """The MLP's activation, whose output down_proj reads. On a one-row CUDA step one kernel writes it and the
+    partial sums of the product of its LoraInput, which then needs no launch of its own."""
+
+    def __init__(self, act: SiluMul, source: LoraInput):  # act, the plain activation replaced, holds no state
+        super().__init__()
+        self.source = [source]  # in a list, so the shared module is not registered here too
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        source = self.source[0]
+        if not (source.active and one_row_on_gpu(gate)):
+            return super().forward(gate, up)
+        out, parts = fused.silu_mul_project(gate, up, source.mixed)
+        source.hold(out, parts)
+        return out
+
+
+# The module that computes a LoraInput's product along with the input, by the type of the one it replaces.
+PRODUCERS = {RMSNorm: LoraNorm, SiluMul: LoraSiluMul}
+
+
 class LoraLinear(nn.Module):
     """A linear layer plus the low-rank updates of every loaded adapter that targets it."""
 
@@ -162,6 +184,10 @@ class LoraLinear(nn.Module):
         self.register_buffer("lora_b", torch.empty(self.out_features, 0, device=device, dtype=dtype), persistent=False)
 
     def add(self, name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        # Zero factors pad the rank to a multiple of 8, so that every layer's columns of the product start
+        # 16 bytes apart, which the 4-bit kernel's epilogue needs to copy them whole.
+        padding = -a.shape[0] % 8
+        a, b = F.pad(a, (0, 0, 0, padding)), F.pad(b, (0, padding))
         self.lora_b = torch.cat((self.lora_b, b.to(self.lora_b)), dim=1)
         self.source[0].add(self, name, a, scale)
 
@@ -241,13 +267,16 @@ class LoraSet:
             return layer
         # The block's norm tells its device: a 4-bit layer handed to the CUDA kernels keeps no tensors.
         device = block.input_layernorm.weight.device
-        ((siblings, norm),) = [(paths, norm) for paths, norm in SHARED_INPUTS if path in paths]
+        ((siblings, producer),) = [(paths, producer) for paths, producer in SHARED_INPUTS if path in paths]
         wrapped = [block.get_submodule(p) for p in siblings if isinstance(block.get_submodule(p), LoraLinear)]
         source = wrapped[0].source[0] if wrapped else LoraInput(layer.in_features, device, self.dtype)
         if not wrapped:
             block.add_module("lora_input_" + siblings[0].replace(".", "_"), source)
-            if norm is not None:
-                setattr(block, norm, LoraNorm(getattr(block, norm), source))
+            if producer is not None:
+                owner_path, _, name = producer.rpartition(".")
+                owner = block.get_submodule(owner_path) if owner_path else block
+                plain = getattr(owner, name)
+                setattr(owner, name, PRODUCERS[type(plain)](plain, source))
         layer = LoraLinear(layer, source, siblings.index(path), device, self.dtype)
         setattr(block.get_submodule(parent_path), attribute, layer)
         return layer

@@ -127,17 +127,25 @@ class Attention(nn.Module):
         return self.o_proj(out.view(rows, 1, -1))
 
 
+class SiluMul(nn.Module):
+    """SwiGLU's activation, silu(gate) * up."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if gate.is_cuda and fused.available():
+            return fused.silu_mul(gate, up)
+        return F.silu(gate) * up
+
+
 class FeedForward(nn.Module):
     def __init__(self, weights: dict, prefix: str):
         super().__init__()
         self.gate_proj = as_linear(weights[prefix + "gate_proj.weight"])
         self.up_proj = as_linear(weights[prefix + "up_proj.weight"])
+        self.act = SiluMul()
         self.down_proj = as_linear(weights[prefix + "down_proj.weight"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and fused.available():
-            return self.down_proj(fused.silu_mul(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):

@@ -64,15 +64,19 @@ def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
 
 
 # A LoRA update's second product, which a linear layer adds to its output: (h, b) adds h @ b^T, with
-# h [..., rank] and b [out, rank].
+# b [out, rank] and h [..., rank] shaped like the layer's input, or the partial sums of such an h
+# [parts, ..., rank], as the fused one-row kernels write it (in float32).
 LowRank = tuple[torch.Tensor, torch.Tensor]
 
 
-def add_low_rank(y: torch.Tensor, low_rank: LowRank | None) -> torch.Tensor:
+def add_low_rank(y: torch.Tensor, low_rank: LowRank | None, in_place: bool = False) -> torch.Tensor:
     if low_rank is None:
         return y
     h, b = low_rank
-    return y + F.linear(h, b)
+    if h.dim() > y.dim():
+        h = h.sum(0)
+    update = F.linear(h.to(b.dtype), b)
+    return y.add_(update) if in_place else y + update
 
 
 class Q4Linear(torch.nn.Module):

@@ -13,6 +13,14 @@ def make_config(tmp_path, **overrides) -> dict:
     return {"TESTING": True, "SESSIONS_DIR": str(tmp_path / "sessions"), **overrides}
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each test's outcome on its item (item.report_call), for fixtures that report on failures."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
 def make_app(tmp_path):
     """make_app(**config) -> an app without a model over this test's sessions folder."""

@@ -60,6 +60,16 @@ def servers(tmp_path_factory):
     accounts.stop()
 
 
+@pytest.fixture(autouse=True)
+def server_logs_on_failure(request, servers):
+    """A failed test prints what the servers logged last, which is where a worker's error would be."""
+    yield
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        for name, server in servers.items():
+            print(f"--- the {name} server's log, last lines ---\n{server.log_tail(40)}")
+
+
 @pytest.fixture(scope="module")
 def chat_server(servers):
     return servers["local"].wait_ready()
@@ -166,14 +176,31 @@ def send(tab, text):
 def wait_idle(tab, bots_at_least):
     """Until at least this many bot messages are shown, the last one finished (its statistics are saved
     with it), and no job runs. Stop is shown from the moment the reply starts, so this cannot pass early."""
-    tab.wait_for_function(
-        """n => {
-            const bots = document.querySelectorAll('#message-list .message.bot');
-            return bots.length >= n && bots[bots.length - 1].querySelector('.meta').textContent.includes('tokens/s');
-        }""",
-        arg=bots_at_least, timeout=90_000)
-    expect(tab.locator('[data-action="stop"]')).to_be_hidden(timeout=90_000)
+    try:
+        tab.wait_for_function(
+            """n => {
+                const bots = document.querySelectorAll('#message-list .message.bot');
+                return bots.length >= n && bots[bots.length - 1].querySelector('.meta').textContent.includes('tokens/s');
+            }""",
+            arg=bots_at_least, timeout=90_000)
+        expect(tab.locator('[data-action="stop"]')).to_be_hidden(timeout=90_000)
+    except AssertionError as error:  # Playwright's TimeoutError is an AssertionError too
+        raise AssertionError(f"the chat did not go idle with {bots_at_least} bot messages; the page shows "
+                             f"{page_state(tab)}") from error
     expect(tab.locator(".message.live")).to_have_count(0)
+
+
+def page_state(tab) -> dict:
+    """What a failed wait needs to tell apart a reply that never started, one that stalled and a refusal."""
+    return tab.evaluate("""() => ({
+        connection: document.querySelector('#connection-status').className,
+        messages: [...document.querySelectorAll('#message-list .message')].map(
+            m => `${m.dataset.author}${m.classList.contains('live') ? ' (live)' : ''}: ${m.querySelector('.meta')?.textContent}`),
+        job: document.querySelector('#job-status').hidden ? null : document.querySelector('#job-status').textContent,
+        stop_shown: !document.querySelector('[data-action="stop"]').hidden,
+        unsent_input: document.querySelector('#message-input').value,
+        notices: [...document.querySelectorAll('#notices .notice')].map(n => n.textContent),
+    })""")
 
 
 def notice(tab, text):
@@ -423,6 +450,13 @@ def test_each_bot_speaks_with_the_adapter_picked_for_it(tab, auth_server):
     rows.nth(2).get_by_label("Name").fill("Bob")
     for row in (1, 2):
         expect(rows.nth(row).get_by_label("Adapter").locator("option")).to_have_text(["The session default", *ADAPTERS])
+    # The user's own row has no picker: the user does not speak through the model. It moves with "You".
+    expect(rows.nth(0).get_by_label("Adapter")).to_be_hidden()
+    rows.nth(2).get_by_label("You").check()
+    expect(rows.nth(0).get_by_label("Adapter")).to_be_visible()
+    expect(rows.nth(2).get_by_label("Adapter")).to_be_hidden()
+    rows.nth(0).get_by_label("You").check()
+    expect(rows.nth(2).get_by_label("Adapter")).to_be_visible()
     rows.nth(1).get_by_label("Adapter").select_option("calm")
     rows.nth(2).get_by_label("Adapter").select_option("wild")
     tab.get_by_role("button", name="Save participants", exact=True).click()

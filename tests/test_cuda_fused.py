@@ -32,6 +32,17 @@ def test_silu_mul():
     assert relative_error(fused.silu_mul(gate.contiguous(), up.contiguous()), reference) < 2e-3
 
 
+@pytest.mark.parametrize("rank,width", [(16, 11008), (40, 14336), (3, 1536)])
+def test_silu_mul_project(rank, width):
+    gate, up = (torch.randn(1, 1, width, device=CUDA, dtype=torch.float16) for _ in range(2))
+    a = torch.randn(rank, width, device=CUDA, dtype=torch.float16) * width**-0.5
+    out, parts = fused.silu_mul_project(gate, up, a)
+    reference = F.silu(gate.float()) * up.float()
+    assert relative_error(out, reference) < 2e-3
+    assert parts.dtype == torch.float32 and parts.shape[1:] == (1, 1, rank) and parts.shape[0] > 1
+    assert relative_error(parts.sum(0), out.double() @ a.double().t()) < 2e-3
+
+
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 32, 128), (32, 8, 128)])
 def test_rope_and_store_then_attention(heads, kv_heads, dim):
     max_seq, position = 1024, 700

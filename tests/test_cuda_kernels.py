@@ -122,7 +122,7 @@ def test_matmul_matches_float32_reference(in_features, out_features, group_size,
     for rows in ROWS:
         x = torch.randn(rows, in_features, generator=gen).half().cuda()
         # 0: the kernel's choice; 1: x from global memory; 2: x staged in shared memory, if it fits.
-        modes = (0, 1, 2) if rows * staged_row_bytes <= ext.max_staged_bytes(rows) else (0, 1)
+        modes = (0, 1, 2) if rows * staged_row_bytes <= ext.max_staged_bytes(rows, 0, 1) else (0, 1)
         for mode in modes:
             out = torch.full((rows, out_features), float("nan"), dtype=torch.float16, device="cuda")
             try:
@@ -145,14 +145,19 @@ def test_matmul_keeps_leading_dimensions():
 
 @needs_gpu
 @pytest.mark.parametrize("rows", [1, 7, 16, 17])
-def test_matmul_adds_a_low_rank_update_in_its_epilogue(rows):
+@pytest.mark.parametrize("in_features, out_features, first, rank", [
+    (1088, 520, 8, 16),  # fewer weight steps per slice than ring stages: the epilogue waits for its factors
+    (4096, 11008, 16, 32),  # blocks that compute several slices restage b for each
+    (1088, 520, 3, 12),  # a rank and an offset the epilogue cannot copy 16 bytes at a time: a separate product
+])
+def test_matmul_adds_a_low_rank_update_in_its_epilogue(rows, in_features, out_features, first, rank):
     """y = x[:, perm] @ W^T + h @ b^T, with h a column slice of a wider product as a LoRA layer passes it."""
     gen = torch.Generator().manual_seed(rows)
-    layer = random_layer(1088, 520, 64, True, gen, device="cuda")
-    x = torch.randn(rows, 1088, generator=gen).half().cuda()
-    product = torch.randn(rows, 40, generator=gen).half().cuda()
-    h, b = product[:, 8:24], (torch.randn(520, 16, generator=gen) * 0.1).half().cuda()
-    out = torch.full((rows, 520), float("nan"), dtype=torch.float16, device="cuda")
+    layer = random_layer(in_features, out_features, 64, True, gen, device="cuda")
+    x = torch.randn(rows, in_features, generator=gen).half().cuda()
+    product = torch.randn(rows, first + rank + 16, generator=gen).half().cuda()
+    h, b = product[:, first:first + rank], (torch.randn(out_features, rank, generator=gen) * 0.1).half().cuda()
+    out = torch.full((rows, out_features), float("nan"), dtype=torch.float16, device="cuda")
     q4.prepare(layer).matmul(x, out, low_rank=(h, b))
     expected = reference(layer, x) + h.double() @ b.double().t()
     assert relative_error(out, expected) < 2e-3

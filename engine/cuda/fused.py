@@ -75,12 +75,22 @@ def _kernels():
             tl.store(values_ptr + target + HALF + i, tl.load(v_ptr + source + HALF + i))
 
     @triton.jit
-    def silu_mul_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    def silu_mul_kernel(gate_ptr, up_ptr, out_ptr, a_ptr, part_ptr, n, rank, PROJECT: tl.constexpr,
+                        RANK: tl.constexpr, BLOCK: tl.constexpr):
+        # out = silu(gate) * up, BLOCK entries per program. With PROJECT (one row), program p also stores
+        # its entries' share of out @ a^T as partial sum p, which the next layer's 4-bit kernel adds up.
+        p = tl.program_id(0)
+        offsets = p * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
         g = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offsets, (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty), mask=mask)
+        out = (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offsets, out, mask=mask)
+        if PROJECT:
+            r = tl.arange(0, RANK)
+            a = tl.load(a_ptr + r[:, None] * n + offsets[None, :], mask=(r[:, None] < rank) & mask[None, :], other=0.0)
+            partial = tl.sum(a.to(tl.float32) * out.to(tl.float32)[None, :], axis=1)
+            tl.store(part_ptr + p * rank + r, partial, mask=r < rank)
 
     @triton.jit
     def attention_parts_kernel(q_ptr, keys_ptr, values_ptr, length_ptr, length_bias, part_out_ptr, part_max_ptr,
@@ -218,24 +228,42 @@ def rope_and_store(q, k, v, cos, sin, slot, keys, values) -> None:
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    kernel = _kernels()[2]
     out = torch.empty_like(gate)
     n = gate.numel()
-    kernel[(-(-n // 1024),)](gate, up, out, n, BLOCK=1024)
+    _kernels()[2][(-(-n // 1024),)](gate, up, out, out, out, n, 0, PROJECT=False, RANK=1, BLOCK=1024)
     return out
 
 
+# Entries per program of the projecting SiLU-multiply: enough programs that the reads of a spread over
+# many multiprocessors, few enough partial sums for the 4-bit kernel to add up.
+SILU_PROJECT_BLOCK = 512
+
+
+def silu_mul_project(gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor):
+    """(out, parts) for out = silu(gate) * up of one row [..., n] and parts float32 [parts, ..., rank], partial
+    sums of out @ a^T, in one launch: the activation and the first product of the LoRA updates of the layer
+    that reads it."""
+    out = torch.empty_like(gate)
+    n, rank = gate.numel(), a.shape[0]
+    programs = -(-n // SILU_PROJECT_BLOCK)
+    parts = torch.empty(programs, *gate.shape[:-1], rank, device=gate.device, dtype=torch.float32)
+    _kernels()[2][(programs,)](gate, up, out, a, parts, n, rank, PROJECT=True, RANK=_next_pow2(rank),
+                               BLOCK=SILU_PROJECT_BLOCK, num_warps=8)
+    return out, parts
+
+
 def low_rank_project(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """x @ a^T for one row x [..., n] and a [rank, n] with a small rank: a LoRA update's first product."""
-    h = x.new_empty(*x.shape[:-1], a.shape[0])
+    """x @ a^T in float32 for one row x [..., n] and a [rank, n] with a small rank: a LoRA update's first
+    product."""
+    h = x.new_empty(*x.shape[:-1], a.shape[0], dtype=torch.float32)
     _project(x, a, h)
     return h
 
 
 def rms_norm_project(x: torch.Tensor, weight: torch.Tensor, eps: float, a: torch.Tensor):
-    """(y, y @ a^T) for y the RMSNorm of one row x [..., n], in one launch: a norm and the first product of
-    the LoRA updates of the layers that read its output."""
-    y, h = torch.empty_like(x), x.new_empty(*x.shape[:-1], a.shape[0])
+    """(y, y @ a^T) for y the RMSNorm of one row x [..., n], the product in float32, in one launch: a norm and
+    the first product of the LoRA updates of the layers that read its output."""
+    y, h = torch.empty_like(x), x.new_empty(*x.shape[:-1], a.shape[0], dtype=torch.float32)
     _project(x, a, h, norm=(weight, eps, y))
     return y, h
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..quant import LowRank, Q4Linear, unpack_rows
+from ..quant import LowRank, Q4Linear, add_low_rank, unpack_rows
 from .build import extension
 
 SLICE_N = 32  # outputs per kernel step: two tiles of 16
@@ -88,7 +88,8 @@ class PreparedQ4:
     def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None, *, low_rank: LowRank | None = None,
                mode: int = 0, overlap: bool = True) -> torch.Tensor:
         """y = x[..., perm] @ W^T for x [..., in_features] float16; written into `out` if given.
-        `low_rank` (h, b) adds h @ b^T, a LoRA update, in the kernel's epilogue.
+        `low_rank` (h, b) adds h @ b^T, a LoRA update, in the kernel's epilogue; h is [..., rank] like x,
+        or partial sums [parts, ..., rank].
 
         For tests and the benchmark: `mode` picks how the kernel reads x (0 chooses: shared memory
         when it fits; 1 global memory; 2 shared memory), and `overlap=False` turns off starting
@@ -107,7 +108,9 @@ class PreparedQ4:
             y = out.view(rows, self.out_features)
         if rows == 0:
             return y.view(*lead, self.out_features)
-        h, b = (None, None) if low_rank is None else (low_rank[0].reshape(rows, -1), low_rank[1])
+        h, b = (None, None) if low_rank is None else low_rank
+        if h is not None:  # [rows, rank], or partial sums [parts, rows, rank]
+            h = h.reshape(rows, -1) if h.dim() == x.dim() else h.reshape(h.shape[0], rows, -1)
         ext = extension()
         if rows <= MAX_KERNEL_ROWS:
             ext.matmul(x2, self.weights, self.scales, self.perm, self.group_magic, self.out_features, y, h, b, mode,
@@ -118,7 +121,7 @@ class PreparedQ4:
                 x2 = x2.index_select(1, self.perm)
             torch.matmul(x2, w.t(), out=y)
             if low_rank is not None:
-                y.addmm_(h, b.t())
+                add_low_rank(y, (h, b), in_place=True)
         return y.view(*lead, self.out_features)
 
     __call__ = matmul

@@ -13,6 +13,20 @@ namespace {
 constexpr int kSliceN = 32;
 constexpr int kTileK = 64;
 constexpr int kMaxRows = 16;
+// The epilogue copies a LoRA update's factors into shared memory 16 bytes at a time, and has room for b
+// up to this rank and for this many bytes of h; any other update is added by a product of its own after
+// the kernel.
+constexpr int64_t kMaxEpilogueRank = 256;
+constexpr int64_t kMaxEpilogueHBytes = 16 * 1024;
+
+bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// h: float32 [parts, rows, rank].
+bool epilogue_takes(const torch::Tensor& h, const torch::Tensor& b) {
+  const int64_t rank = b.size(1);
+  return rank % 8 == 0 && rank <= kMaxEpilogueRank && h.numel() * 4 <= kMaxEpilogueHBytes && h.stride(0) % 4 == 0 &&
+         h.stride(1) % 4 == 0 && aligned16(h) && aligned16(b);
+}
 
 void check_prepared(const torch::Tensor& weights, const torch::Tensor& scales, int64_t in_features,
                     int64_t out_features) {
@@ -58,24 +72,33 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scale
     TORCH_CHECK(lora_b->is_cuda() && lora_b->scalar_type() == torch::kFloat16 && lora_b->is_contiguous() &&
                     lora_b->dim() == 2 && lora_b->size(0) == out_features && lora_b->get_device() == x.get_device(),
                 "q4: LoRA b must be a contiguous float16 CUDA tensor [out_features, rank] on x's device");
-    TORCH_CHECK(lora_h->is_cuda() && lora_h->scalar_type() == torch::kFloat16 && lora_h->dim() == 2 &&
-                    lora_h->size(0) == rows && lora_h->size(1) == lora_b->size(1) && lora_h->stride(1) == 1 &&
+    TORCH_CHECK(lora_h->is_cuda() && lora_h->is_floating_point() && (lora_h->dim() == 2 || lora_h->dim() == 3) &&
+                    lora_h->size(-2) == rows && lora_h->size(-1) == lora_b->size(1) && lora_h->stride(-1) == 1 &&
                     lora_h->get_device() == x.get_device(),
-                "q4: LoRA h must be a float16 CUDA tensor [rows, rank] with contiguous rows on x's device");
+                "q4: LoRA h must be a CUDA tensor [rows, rank], or partial sums [parts, rows, rank], with contiguous "
+                "rows on x's device");
+  }
+  // h as float32 partial sums, the form the fused products write.
+  torch::Tensor h;
+  if (lora_b && lora_b->size(1) > 0) {
+    h = lora_h->dim() == 2 ? lora_h->unsqueeze(0) : *lora_h;
+    if (h.scalar_type() != torch::kFloat) h = h.to(torch::kFloat);
   }
 
   const c10::cuda::CUDAGuard guard(x.device());
+  const bool in_epilogue = h.defined() && epilogue_takes(h, *lora_b);
+  const int64_t epilogue_rank = in_epilogue ? lora_b->size(1) : 0, parts = in_epilogue ? h.size(0) : 1;
   const int64_t k_tiles = weights.size(1);
   const int64_t x_stride = k_tiles * kTileK + 8;  // +8 halves: rows land on different banks
   // x goes to shared memory when it fits (measured faster, and perm is gathered on the way); a
   // larger x is read from global memory, after a separate gather pass if the layer has a perm.
-  const bool fits = rows * x_stride * 2 <= int64_t(q4::max_staged_bytes(int(rows)));
+  const bool fits = rows * x_stride * 2 <= int64_t(q4::max_staged_bytes(int(rows), int(epilogue_rank), int(parts)));
   const bool staged = mode == 2 || (mode == 0 && fits);
   TORCH_CHECK(!staged || fits, "q4: x is too large to stage in shared memory");
   // The kernel reads x with 16-byte loads: copy a misaligned view, gather an unstaged perm.
   if (!staged && perm) x = x.index_select(1, *perm);
   x = x.contiguous();
-  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) x = x.clone();
+  if (!aligned16(x)) x = x.clone();
 
   q4::MatmulArgs args{};
   args.x = reinterpret_cast<const half*>(x.data_ptr<at::Half>());
@@ -90,15 +113,18 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scale
   args.group_magic = uint32_t(group_magic);
   args.y = reinterpret_cast<half*>(y.data_ptr<at::Half>());
   args.out_features = int(out_features);
-  if (lora_b && lora_b->size(1) > 0) {
-    args.lora_h = reinterpret_cast<const half*>(lora_h->data_ptr<at::Half>());
-    args.lora_h_stride = int(lora_h->stride(0));
+  if (in_epilogue) {
+    args.lora_h = h.data_ptr<float>();
+    args.lora_h_stride = int(h.stride(1));
+    args.lora_parts = int(parts);
+    args.lora_part_stride = int(h.stride(0));
     args.lora_b = reinterpret_cast<const half*>(lora_b->data_ptr<at::Half>());
-    args.lora_rank = int(lora_b->size(1));
+    args.lora_rank = int(epilogue_rank);
   }
   const cudaError_t err = q4::matmul(args, staged, overlap, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "q4 matmul launch failed (", rows, " rows, x ",
               staged ? "in shared memory" : "from global memory", "): ", cudaGetErrorString(err));
+  if (h.defined() && !in_epilogue) y.addmm_(h.sum(0).to(y.scalar_type()), lora_b->t());
   return y;
 }
 
@@ -128,5 +154,6 @@ torch::Tensor dequantize(torch::Tensor weights, torch::Tensor scales, int64_t gr
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, "4-bit matrix product for 1..16 rows (writes and returns y)");
   m.def("dequantize", &dequantize, "dense float16 [out, in] weight from the prepared layout");
-  m.def("max_staged_bytes", &q4::max_staged_bytes, "bytes of x the kernel can stage for this many rows");
+  m.def("max_staged_bytes", &q4::max_staged_bytes, "bytes of x the kernel can stage for this many rows, beside a "
+        "LoRA update of this rank with h in this many parts");
 }

@@ -18,6 +18,8 @@
 //    waiting for one step's registers also waits for every load issued after it.
 //  - The grid is persistent: each block walks several 32-output slices, so its ring keeps memory
 //    busy across slices, and x is staged once per block.
+//  - A LoRA update's factors (h for every row, b for the slice at hand) are copied into shared
+//    memory while the weights stream, so the epilogue that adds h @ b^T waits for no load.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -31,7 +33,7 @@
 namespace q4 {
 namespace {
 
-constexpr int kWarps = 8;               // per block, two blocks per multiprocessor; warps split the inputs
+constexpr int kWarps = 8;               // per block, two or three blocks per multiprocessor; warps split the inputs
 constexpr int kTileK = 64;              // inputs per tile
 constexpr int kTilesPerStep = 2;        // 16-output tiles per warp step
 constexpr int kSliceN = 16 * kTilesPerStep;  // outputs per block step
@@ -102,12 +104,13 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// Weights bypass L1 (read once); scales go through it (the four lanes of a quad share them).
-__device__ __forceinline__ void copy_weights_async(void* shared, const void* global) {
+// Weights and LoRA factors bypass L1 (read once per block); scales go through it (the four lanes of
+// a quad share them).
+__device__ __forceinline__ void copy_bypassing_l1(void* shared, const void* global) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(shared)), "l"(global));
 }
 
-__device__ __forceinline__ void copy_scales_async(void* shared, const void* global) {
+__device__ __forceinline__ void copy_through_l1(void* shared, const void* global) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(shared_address(shared)), "l"(global));
 }
 
@@ -239,40 +242,68 @@ __device__ __forceinline__ void stage_x(half* xs, const MatmulArgs& a) {
   }
 }
 
-// Adds (h @ b^T)[row, col], the LoRA update of this slice's outputs, to `sums` (warp 0's partial
-// sums, which the store adds up with the other warps'). Eight lanes share each dot product, so every
-// thread of the block works and each waits for one or two loads, then a shuffle reduces. Every
-// thread runs the same number of iterations, as the shuffles need whole warps. h was written by the
-// previous kernel: call this only after wait_for_previous_kernel.
-template <int kRowTiles>
-__device__ __forceinline__ void add_low_rank(float (&sums)[kSliceN][kRowTiles * 8], const MatmulArgs& a, int slice) {
-  constexpr int kLanesPerDot = 8;
-  for (int e = threadIdx.x; e < kSliceN * a.rows * kLanesPerDot; e += kWarps * 32) {
-    const int dot = e / kLanesPerDot, part = e % kLanesPerDot;
-    const int o = dot % kSliceN, row = dot / kSliceN, col = slice * kSliceN + o;
-    float sum = 0.f;
-    if (col < a.out_features) {
-      const half* h = a.lora_h + size_t(row) * a.lora_h_stride;
-      const half* b = a.lora_b + size_t(col) * a.lora_rank;
-      for (int j = part; j < a.lora_rank; j += kLanesPerDot) sum += __half2float(h[j]) * __half2float(b[j]);
-    }
-#pragma unroll
-    for (int offset = kLanesPerDot / 2; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (part == 0) sums[o][row] += sum;
+// Shared-memory bytes of the LoRA factors; rank 0 (no update) takes none.
+__host__ __device__ __forceinline__ size_t low_rank_bytes(int rows, int rank, int parts) {
+  return size_t(kSliceN) * rank * sizeof(half) + size_t(parts) * rows * rank * sizeof(float);
+}
+
+// Where a block keeps the LoRA factors in shared memory: b's rows for the slice at hand, then h's
+// partial sums. The rank is a multiple of 8 (q4_binding.cpp checks), so every row of either is whole
+// 16-byte chunks.
+struct LowRankStage {
+  half* b;   // [kSliceN, rank]
+  float* h;  // [parts, rows, rank]
+};
+
+__device__ __forceinline__ LowRankStage low_rank_stage(unsigned char* shared, const MatmulArgs& a) {
+  half* b = reinterpret_cast<half*>(shared);
+  return {b, reinterpret_cast<float*>(b + kSliceN * a.lora_rank)};
+}
+
+// Start copying b's rows for `slice` into the stage; they land with the next commit group.
+__device__ __forceinline__ void stage_low_rank_b(const LowRankStage& stage, const MatmulArgs& a, int slice) {
+  const int chunks_per_row = a.lora_rank / 8;
+  for (int c = threadIdx.x; c < kSliceN * chunks_per_row; c += kWarps * 32) {
+    const int col = slice * kSliceN + c / chunks_per_row;
+    if (col < a.out_features)
+      copy_bypassing_l1(stage.b + c * 8, a.lora_b + size_t(col) * a.lora_rank + (c % chunks_per_row) * 8);
   }
 }
 
-// Start moving the block's rows of the LoRA b into L2 while the weights stream, so that the epilogue
-// does not wait for memory.
-__device__ __forceinline__ void prefetch_low_rank(const MatmulArgs& a) {
-  const size_t slice_bytes = size_t(kSliceN) * a.lora_rank * sizeof(half);
-  const size_t total_bytes = size_t(a.out_features) * a.lora_rank * sizeof(half);
-  const size_t line = threadIdx.x * size_t(128);
-  const char* b = reinterpret_cast<const char*>(a.lora_b);
-  for (int slice = blockIdx.x; slice * kSliceN < a.out_features; slice += gridDim.x) {
-    const size_t offset = size_t(slice) * slice_bytes + line;
-    if (line < slice_bytes && offset < total_bytes) asm volatile("prefetch.global.L2 [%0];" ::"l"(b + offset));
+// Start copying h's partial sums into the stage. h was written by the previous kernel: call after
+// wait_for_previous_kernel.
+__device__ __forceinline__ void stage_low_rank_h(const LowRankStage& stage, const MatmulArgs& a) {
+  const int chunks_per_row = a.lora_rank / 4;
+  for (int c = threadIdx.x; c < a.lora_parts * a.rows * chunks_per_row; c += kWarps * 32) {
+    const int part = c / (a.rows * chunks_per_row), row = c / chunks_per_row % a.rows;
+    copy_bypassing_l1(stage.h + c * 4, a.lora_h + size_t(part) * a.lora_part_stride + size_t(row) * a.lora_h_stride +
+                                           (c % chunks_per_row) * 4);
   }
+}
+
+// (h @ b^T)[row, o], output o's LoRA update for activation row `row`, from the staged factors: one
+// thread's dot product, b read 8 halves at a time and h's partial sums added up on the way. The store
+// loop calls it, so it needs no barrier of its own.
+__device__ __forceinline__ float low_rank_dot(const LowRankStage& stage, const MatmulArgs& a, int o, int row) {
+  const int rank = a.lora_rank;
+  float sum = 0.f;
+  for (int j = 0; j < rank; j += 8) {
+    const uint4 b_word = *reinterpret_cast<const uint4*>(stage.b + o * rank + j);
+    const uint32_t b_pairs[4] = {b_word.x, b_word.y, b_word.z, b_word.w};
+    float h[8] = {};
+    for (int part = 0; part < a.lora_parts; ++part) {
+      const float4* h_part = reinterpret_cast<const float4*>(stage.h + (part * a.rows + row) * rank + j);
+      const float4 low = h_part[0], high = h_part[1];
+      h[0] += low.x, h[1] += low.y, h[2] += low.z, h[3] += low.w;
+      h[4] += high.x, h[5] += high.y, h[6] += high.z, h[7] += high.w;
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 b = __half22float2(as_half2(b_pairs[k]));
+      sum += h[2 * k] * b.x + h[2 * k + 1] * b.y;
+    }
+  }
+  return sum;
 }
 
 // Position in a block's run of steps: slice (32 outputs; the block owns slices blockIdx.x,
@@ -309,15 +340,22 @@ __device__ __forceinline__ void issue_step(const Ring& ring, int stage, const Ma
   const int g = lane / 4, t = lane % 4;
   const uint32_t group = __umulhi(uint32_t(kt) * kTileK + t * 16, a.group_magic);
   const uint4* w = a.weights + (uint32_t(slice) * a.k_tiles + kt) * (32 * kTilesPerStep) + lane;
-  copy_weights_async(ring.w + 64 * stage, w);
-  copy_weights_async(ring.w + 64 * stage + 32, w + 32);
-  copy_scales_async(ring.scale_offset + 32 * stage, a.scales + (uint32_t(slice) * a.groups_pad + group) * 8 + g);
+  copy_bypassing_l1(ring.w + 64 * stage, w);
+  copy_bypassing_l1(ring.w + 64 * stage + 32, w + 32);
+  copy_through_l1(ring.scale_offset + 32 * stage, a.scales + (uint32_t(slice) * a.groups_pad + group) * 8 + g);
 }
 
+// Blocks per multiprocessor that the register allocation must leave room for. The grid holds as many
+// blocks as fit at once, and more blocks keep more loads in flight. With one row tile and x staged (the
+// decode step) three fit where x is small enough for three blocks' shared memory: the plain product
+// stays within the 80 registers that allows by itself, the LoRA variant is held to them (bench/NOTES.md).
+constexpr int min_blocks_per_sm(int row_tiles, bool staged) { return row_tiles == 1 && staged ? 3 : 2; }
+
 // kStaged: x (gathered through perm, if any) lives in shared memory after the rings; otherwise
-// lanes read it from global memory (L2), one step ahead.
-template <int kRowTiles, bool kStaged>
-__global__ void __launch_bounds__(kWarps * 32, 2) matmul_kernel(const MatmulArgs a) {
+// lanes read it from global memory (L2), one step ahead. kLowRank: add the LoRA update; a kernel of
+// its own, so that the plain product keeps its registers and its speed.
+template <int kRowTiles, bool kStaged, bool kLowRank>
+__global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kStaged)) matmul_kernel(const MatmulArgs a) {
   extern __shared__ uint4 dynamic_shared[];
   __shared__ float partial[kWarps][kSliceN][kRowTiles * 8];
 
@@ -327,9 +365,13 @@ __global__ void __launch_bounds__(kWarps * 32, 2) matmul_kernel(const MatmulArgs
   const int k_steps = (a.k_tiles + kWarps - 1) / kWarps;
   const int steps = ((slices - 1 - int(blockIdx.x)) / int(gridDim.x) + 1) * k_steps;
   const Ring ring = warp_ring(dynamic_shared, warp, lane);
-  half* xs = reinterpret_cast<half*>(reinterpret_cast<unsigned char*>(dynamic_shared) + kRingBytes);
+  // Dynamic shared memory: the rings, the LoRA factors (if any), then x (if staged).
+  unsigned char* after_rings = reinterpret_cast<unsigned char*>(dynamic_shared) + kRingBytes;
+  const LowRankStage low_rank = low_rank_stage(after_rings, a);
+  half* xs = reinterpret_cast<half*>(after_rings + (kLowRank ? low_rank_bytes(a.rows, a.lora_rank, a.lora_parts) : 0));
 
-  // The weights never depend on the previous kernel, so the first copies go out before waiting.
+  // The weights and b never depend on the previous kernel, so their first copies go out before waiting.
+  if (kLowRank) stage_low_rank_b(low_rank, a, blockIdx.x);
   StreamPos next{int(blockIdx.x), 0};
   for (int s = 0; s < kStages - 1; ++s) {
     const int kt = warp + next.k_step * kWarps;
@@ -337,8 +379,8 @@ __global__ void __launch_bounds__(kWarps * 32, 2) matmul_kernel(const MatmulArgs
     commit_copies();  // empty groups too: wait_copies counts groups
     advance(next, k_steps);
   }
-  if (a.lora_rank) prefetch_low_rank(a);
   wait_for_previous_kernel();
+  if (kLowRank) stage_low_rank_h(low_rank, a);
   if (kStaged) {
     stage_x(xs, a);
     __syncthreads();
@@ -382,7 +424,9 @@ __global__ void __launch_bounds__(kWarps * 32, 2) matmul_kernel(const MatmulArgs
       ++cur.k_step;
       continue;
     }
-    // The last step of a slice, reached by every warp at the same i: reduce and store. Accumulator
+    // The last step of a slice, reached by every warp at the same i: reduce and store. The LoRA
+    // factors' copies went out at least k_steps commit groups ago, one group later than this slice's
+    // first weights, which the waits above have seen land once k_steps >= kStages. Accumulator
     // c0..c3 of each mma: (output g, row 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
 #pragma unroll
     for (int tile = 0; tile < kTilesPerStep; ++tile) {
@@ -398,22 +442,21 @@ __global__ void __launch_bounds__(kWarps * 32, 2) matmul_kernel(const MatmulArgs
         for (int e = 0; e < 8; ++e) c[e / 4][e % 4] = 0.f;
       }
     }
+    if (kLowRank && k_steps < kStages) wait_copies<0>();
     __syncthreads();
-    if (a.lora_rank) {
-      add_low_rank<kRowTiles>(partial[0], a, cur.slice);
-      __syncthreads();
-    }
     for (int e = threadIdx.x; e < kSliceN * a.rows; e += kWarps * 32) {
       const int o = e % kSliceN, row = e / kSliceN;
       float sum = 0.f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) sum += partial[w][o][row];
+      if (kLowRank) sum += low_rank_dot(low_rank, a, o, row);
       const int col = cur.slice * kSliceN + o;
       if (col < a.out_features) a.y[size_t(row) * a.out_features + col] = __float2half_rn(sum);
     }
-    __syncthreads();  // partial is read before the next slice overwrites it
+    __syncthreads();  // partial and the staged b are read before the next slice overwrites them
     cur.k_step = 0;
     cur.slice += gridDim.x;
+    if (kLowRank && i + 1 < steps) stage_low_rank_b(low_rank, a, cur.slice);
   }
 }
 
@@ -452,9 +495,9 @@ __global__ void dequantize_kernel(const DequantArgs a) {
   }
 }
 
-template <int kRowTiles, bool kStaged>
+template <int kRowTiles, bool kStaged, bool kLowRank>
 cudaError_t launch(const MatmulArgs& a, size_t shared_bytes, bool overlap, cudaStream_t stream) {
-  auto kernel = matmul_kernel<kRowTiles, kStaged>;
+  auto kernel = matmul_kernel<kRowTiles, kStaged, kLowRank>;
   // Static plus dynamic shared memory above 48 KB needs an opt-in; the call is cheap, so it is
   // made on every launch rather than cached per device.
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes));
@@ -489,12 +532,19 @@ size_t partial_bytes(int rows) { return size_t(kWarps) * kSliceN * (rows > 8 ? 1
 
 }  // namespace
 
-size_t max_staged_bytes(int rows) { return kBlockSharedBudget - kRingBytes - partial_bytes(rows); }
+size_t max_staged_bytes(int rows, int rank, int parts) {
+  return kBlockSharedBudget - kRingBytes - partial_bytes(rows) - low_rank_bytes(rows, rank, parts);
+}
 
 cudaError_t matmul(const MatmulArgs& a, bool staged, bool overlap, cudaStream_t stream) {
-  const size_t bytes = kRingBytes + (staged ? size_t(a.rows) * a.x_stride * sizeof(half) : 0);
-  if (a.rows > 8) return staged ? launch<2, true>(a, bytes, overlap, stream) : launch<2, false>(a, bytes, overlap, stream);
-  return staged ? launch<1, true>(a, bytes, overlap, stream) : launch<1, false>(a, bytes, overlap, stream);
+  const size_t bytes = kRingBytes + low_rank_bytes(a.rows, a.lora_rank, a.lora_parts) +
+                       (staged ? size_t(a.rows) * a.x_stride * sizeof(half) : 0);
+  using Launch = cudaError_t (*)(const MatmulArgs&, size_t, bool, cudaStream_t);
+  // [row tiles - 1][staged][low rank]
+  constexpr Launch kLaunches[2][2][2] = {
+      {{launch<1, false, false>, launch<1, false, true>}, {launch<1, true, false>, launch<1, true, true>}},
+      {{launch<2, false, false>, launch<2, false, true>}, {launch<2, true, false>, launch<2, true, true>}}};
+  return kLaunches[a.rows > 8][staged][a.lora_rank > 0](a, bytes, overlap, stream);
 }
 
 cudaError_t dequantize(const DequantArgs& a, cudaStream_t stream) {

@@ -23,9 +23,13 @@ struct MatmulArgs {
   uint32_t group_magic;   // group of input k = umulhi(k, group_magic)
   half* y;                // [rows, out_features]
   int out_features;
-  // A LoRA update added in the epilogue, y += h @ b^T, when rank > 0.
-  const half* lora_h;     // [rows, rank], rows lora_h_stride halves apart
+  // A LoRA update added in the epilogue, y += h @ b^T, when rank > 0, with h the sum of `lora_parts`
+  // partial sums. The kernel copies h and b into shared memory 16 bytes at a time: the rank is a
+  // multiple of 8, the strides of h multiples of 4, both 16-byte aligned.
+  const float* lora_h;    // [parts, rows, rank], parts lora_part_stride and rows lora_h_stride floats apart
   int lora_h_stride;
+  int lora_parts;
+  int lora_part_stride;
   const half* lora_b;     // [out_features, rank]
   int lora_rank;
 };
@@ -42,8 +46,9 @@ struct DequantArgs {
   half* w;                // [out_features, in_features]
 };
 
-// The most bytes of x that may be staged in shared memory for `rows` activation rows.
-size_t max_staged_bytes(int rows);
+// The most bytes of x that may be staged in shared memory for `rows` activation rows, beside a LoRA
+// update of rank `rank` (0 for none) whose h comes in `parts` partial sums.
+size_t max_staged_bytes(int rows, int rank, int parts);
 
 // staged: gather x (through perm, if any) into shared memory first; needs rows * x_stride * 2 <=
 // max_staged_bytes(rows). overlap: launch as a programmatic dependent (sm_90+), so that the

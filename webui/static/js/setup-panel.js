@@ -178,7 +178,7 @@ export class SetupPanel {
           },
         }, '×')),
       h('textarea', { name: 'persona', rows: 3, maxlength: 4000, placeholder: 'Persona: who this is, how they talk', 'aria-label': 'Persona' }),
-      h('label', { class: 'wide', title: 'The LoRA adapter this bot speaks with' }, 'Adapter',
+      h('label', { class: 'wide bot-adapter', title: 'The LoRA adapter this bot speaks with' }, 'Adapter',
         h('select', { name: 'adapter', dataset: { none: 'The session default' } })));
     row.querySelector('textarea').value = participant.persona;
     fillAdapterSelect(row.querySelector('select[name="adapter"]'), this.adapters, participant.adapter);
