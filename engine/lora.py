@@ -129,7 +129,7 @@ class LoraInput(nn.Module):
 
 def one_row_on_gpu(x: torch.Tensor) -> bool:
     """Whether x is a decode step's single row on the GPU, which the fused one-row kernels serve."""
-    return x.is_cuda and x.numel() == x.shape[-1] and fused.available()
+    return x.numel() == x.shape[-1] and fused.serves(x)
 
 
 class LoraNorm(RMSNorm):

@@ -45,7 +45,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and fused.available():
+        if fused.serves(x):
             return fused.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 like the reference, whatever the activation dtype.
         xf = x.float()
@@ -107,7 +107,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, positions, bias) -> torch.Tensor:
         batch, length, _ = x.shape
-        if length == 1 and x.is_cuda and fused.available() and self.cache.fuses(batch):
+        if length == 1 and fused.serves(x) and self.cache.fuses(batch):
             return self.fused_decode(x, cos, sin, positions, bias.shape[-1])
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -131,7 +131,7 @@ class SiluMul(nn.Module):
     """SwiGLU's activation, silu(gate) * up."""
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if gate.is_cuda and fused.available():
+        if fused.serves(gate):
             return fused.silu_mul(gate, up)
         return F.silu(gate) * up
 

@@ -30,6 +30,11 @@ def available() -> bool:
     return True
 
 
+def serves(x: torch.Tensor) -> bool:
+    """Whether these kernels can take x: it is on a GPU and Triton is there."""
+    return x.is_cuda and available()
+
+
 @functools.cache
 def _kernels():
     """Compile lazily, so that importing the engine never needs Triton."""

@@ -110,7 +110,7 @@ class PreparedQ4:
             return y.view(*lead, self.out_features)
         h, b = (None, None) if low_rank is None else low_rank
         if h is not None:  # [rows, rank], or partial sums [parts, rows, rank]
-            h = h.reshape(rows, -1) if h.dim() == x.dim() else h.reshape(h.shape[0], rows, -1)
+            h = h.reshape(h.shape[0], rows, -1) if h.dim() > x.dim() else h.reshape(rows, -1)
         ext = extension()
         if rows <= MAX_KERNEL_ROWS:
             ext.matmul(x2, self.weights, self.scales, self.perm, self.group_magic, self.out_features, y, h, b, mode,
