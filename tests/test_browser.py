@@ -241,8 +241,9 @@ def squash(text):
 
 
 def as_words(text):
-    """The words of a text, without Markdown's marks: rendered Markdown and its source agree on these."""
-    return squash(re.sub(r"[*_`#>~|\\-]", " ", text))
+    """The words of a text, without Markdown's marks: rendered Markdown and its source agree on these. Marks are
+    dropped, not turned into spaces, since emphasis can sit inside a word ("X*y*" shows as "Xy")."""
+    return squash(re.sub(r"[*_`#>~|\\-]", "", text))
 
 
 def at_bottom(tab):
