@@ -218,9 +218,13 @@ def watch_notices(tab):
 
 def wait_live_text(tab, longer_than):
     """Until the reply streaming now shows more than this many characters."""
-    tab.wait_for_function(
-        "n => { const body = document.querySelector('.message.live .body'); return body !== null && body.textContent.length > n; }",
-        arg=longer_than)
+    try:
+        tab.wait_for_function(
+            "n => { const body = document.querySelector('.message.live .body'); return body !== null && body.textContent.length > n; }",
+            arg=longer_than)
+    except AssertionError as error:  # Playwright's TimeoutError is an AssertionError too
+        raise AssertionError(f"the live reply did not grow past {longer_than} characters; the page shows "
+                             f"{page_state(tab)}") from error
 
 
 def message(tab, index):
