@@ -160,19 +160,20 @@ def measure_lora_cost(name: str, rank: int = 16, group_size: int = 128, new_toke
     Both are measured on one generator, alternating run by run: on an H200 every graph replays ~10% slower
     once a second set of graphs has been captured (bench/NOTES.md), so comparing a first generator against
     a later one would charge that to the adapter."""
-    from .lora import LowRankUpdate
+    from .lora import LowRankUpdate, layer_shape
     from .synthetic import synthetic_model
 
     device = torch.device("cuda")
     loaded = synthetic_model(name, device, bits=4, group_size=group_size, max_seq_len=1024)
     generator = torch.Generator(device=device).manual_seed(0)
     updates = []
-    for index, block in enumerate(loaded.model.layers):
+    for index in range(len(loaded.model.layers)):
         for projection in LORA_PROJECTIONS:
-            layer = block.get_submodule(projection)
-            a = torch.randn(rank, layer.in_features, device=device, generator=generator) * layer.in_features**-0.5
-            b = torch.randn(layer.out_features, rank, device=device, generator=generator) * 0.01
-            updates.append(LowRankUpdate(f"layers.{index}.{projection}", index, a, b, scale=2.0))
+            path = f"layers.{index}.{projection}"
+            in_features, out_features = layer_shape(loaded.model, path)
+            a = torch.randn(rank, in_features, device=device, generator=generator) * in_features**-0.5
+            b = torch.randn(out_features, rank, device=device, generator=generator) * 0.01
+            updates.append(LowRankUpdate(path, index, a, b, scale=2.0))
     loaded.adapters.add("random", updates, "random factors")
     decoder = Generator(loaded)
     context = 128 - new_tokens

@@ -1,16 +1,18 @@
 """PEFT LoRA adapters, applied unmerged so that every request can choose its own mix without reloading.
 
 An adapted layer adds ((x @ A^T) * c) @ B^T to its output for each adapter, where c is the adapter's scale
-times the request's weight for it (0 for adapters left out). Layers that read the same input (q, k and v;
-gate and up) share one LoraInput, which stacks all their adapters' A factors, premultiplied by c:
+times the request's weight for it (0 for adapters left out). The model runs the layers that read one input
+as one stack (q, k and v; gate and up; o; down: engine.model.LinearStack), and a LoraStack adds the updates
+of all of a stack's layers at once:
 
-    LoraInput.mixed   [sum of ranks, in]   every (layer, adapter) A * c, one after another
-    LoraLinear.lora_b [out, layer's ranks] that layer's B factors, in the same order
+    LoraStack.lora_a [sum of ranks, in]   every (layer, adapter) A factor, one after another
+    LoraStack.mixed                       the same, each premultiplied by its c
+    LoraStack.lora_b [out, sum of ranks]  each B factor in its layer's rows of the stacked output and its A's
+                                          columns, zero elsewhere
 
-so a forward pass costs one product x @ mixed^T per input, and each layer adds its columns of it times
-its B, which the 4-bit CUDA kernel does in its epilogue without a launch of its own. On a one-row CUDA
-step the product itself runs in the kernel that writes the input, where that is a norm (LoraNorm) or
-the MLP's activation (LoraSiluMul).
+so a forward pass costs one product x @ mixed^T per stack, and the 4-bit CUDA kernel multiplies it by
+lora_b in its epilogue without a launch of its own. On a one-row CUDA step the first product runs in the
+kernel that writes the input, where that is a norm (LoraNorm) or the MLP's activation (LoraSiluMul).
 
 Choosing a request's mix rewrites `mixed` in place, so no tensor changes shape or address and a captured
 CUDA graph stays valid: the decoders keep two graphs per shape, one captured with adapters applied, which
@@ -35,7 +37,7 @@ from torch import nn
 
 from .cuda import fused
 from .errors import ModelError
-from .model import RMSNorm, SiluMul
+from .model import LinearStack, RMSNorm, SiluMul
 
 ADAPTABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,69 +64,67 @@ UNSUPPORTED_SETTINGS = {
 }
 
 
-# The layers of a block that read one input, in the order the forward pass calls them, and the module
-# whose output that input is, where a fused kernel of that module can compute the product too.
-SHARED_INPUTS = ((("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
-                 (("self_attn.o_proj",), None),
-                 (("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
-                 (("mlp.down_proj",), "mlp.act"))
+# The stacks of a block, and the module whose output a stack reads, where a fused kernel of that module can
+# compute the updates' first product too.
+STACKS = {"self_attn.qkv_proj": "input_layernorm", "self_attn.o_proj": None,
+          "mlp.gate_up_proj": "post_attention_layernorm", "mlp.down_proj": "mlp.act"}
 
 
-class LoraInput(nn.Module):
-    """The A factors of every adapted layer that reads one input, so that one product serves them all."""
+class LoraStack(nn.Module):
+    """A stack of linear layers plus the low-rank updates of every loaded adapter that targets one of them."""
 
-    def __init__(self, in_features: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, base: LinearStack, device: torch.device, dtype: torch.dtype):
         super().__init__()
-        self.register_buffer("lora_a", torch.empty(0, in_features, device=device, dtype=dtype), persistent=False)
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_buffer("lora_a", torch.empty(0, self.in_features, device=device, dtype=dtype), persistent=False)
         self.register_buffer("mixed", torch.empty_like(self.lora_a), persistent=False)
-        # Row ranges of lora_a, in stacking order: (layer, adapter name, first row, end row, scale).
-        self.spans: list[tuple[LoraLinear, str, int, int, float]] = []
+        self.register_buffer("lora_b", torch.empty(self.out_features, 0, device=device, dtype=dtype), persistent=False)
+        self.spans: list[tuple[str, int, int, float]] = []  # rows of lora_a: (adapter name, first, end, scale)
         # Whether the request applies any adapter at all: otherwise the update is skipped. It is the same for
-        # every layer, so that a CUDA graph captured with adapters applied records every layer's update, and
+        # every stack, so that a CUDA graph captured with adapters applied records every stack's update, and
         # serves any later mix by the in-place rewrite of `mixed`.
         self.active = False
         self._input: torch.Tensor | None = None  # the input of the product held in _product
         self._product: torch.Tensor | None = None
 
-    def add(self, layer: LoraLinear, name: str, a: torch.Tensor, scale: float) -> None:
-        """Stack one more A factor. Rows go in the order the forward pass calls the layers, each layer's rows
-        together in the order of its B columns."""
-        entries = [(span[0], span[1], self.lora_a[span[2]:span[3]], span[4]) for span in self.spans]
-        entries.append((layer, name, a.to(self.lora_a), scale))
-        entries.sort(key=lambda entry: entry[0].call_order)  # stable: a layer's adapters keep their order
-        self.lora_a = torch.cat([entry[2] for entry in entries])
+    def add(self, layer: str, name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Add adapter `name`'s factors for the stack's layer `layer`."""
+        # Zero factors pad the rank to a multiple of 8, so that the product's rows are whole 16-byte units,
+        # which the 4-bit kernel's epilogue needs to copy them.
+        padding = -a.shape[0] % 8
+        a = F.pad(a, (0, 0, 0, padding))
+        stacked_b = b.new_zeros(self.out_features, a.shape[0])
+        rows = self.base.rows(layer)
+        stacked_b[rows.start:rows.stop, :b.shape[1]] = b
+        start = self.lora_a.shape[0]
+        self.lora_a = torch.cat((self.lora_a, a.to(self.lora_a)))
+        self.lora_b = torch.cat((self.lora_b, stacked_b.to(self.lora_b)), dim=1)
         self.mixed = torch.zeros_like(self.lora_a)  # every coefficient is 0 until the next set_mix
-        self.spans, row = [], 0
-        for entry_layer, entry_name, factor, entry_scale in entries:
-            self.spans.append((entry_layer, entry_name, row, row + factor.shape[0], entry_scale))
-            row += factor.shape[0]
-        for member in {span[0] for span in self.spans}:
-            rows = [span for span in self.spans if span[0] is member]
-            member.columns = (rows[0][2], rows[-1][3])
+        self.spans.append((name, start, start + a.shape[0], scale))
         self.active = False
 
     def set_mix(self, mix: dict[str, float]) -> None:
         coefficients = torch.zeros(self.lora_a.shape[0], dtype=torch.float32)
-        for _, name, start, end, scale in self.spans:
+        for name, start, end, scale in self.spans:
             coefficients[start:end] = scale * mix.get(name, 0.0)
         # In place: a captured graph keeps reading this very tensor.
         self.mixed.copy_(self.lora_a.float() * coefficients.to(self.lora_a.device)[:, None])
         self.active = bool(mix)
 
     def hold(self, x: torch.Tensor, product: torch.Tensor) -> None:
-        """Take x @ mixed^T, computed with x, for the layers about to read x."""
+        """Take x @ mixed^T, computed with x by the module that wrote x, for the next forward pass on x."""
         self._input, self._product = x, product
 
-    def project(self, x: torch.Tensor, layer: LoraLinear) -> torch.Tensor:
-        """x @ mixed^T, computed once for the layers that read x one after another; the last of them drops it,
-        so a long prompt's product is not kept."""
-        if x is not self._input:
-            self._input = x
-            self._product = fused.low_rank_project(x, self.mixed) if one_row_on_gpu(x) else F.linear(x, self.mixed)
-        product = self._product
-        if layer is self.spans[-1][0]:
-            self._input = self._product = None
-        return product
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return self.base(x)
+        # x is the stack's real input, before any act-order permutation inside a Q4Linear, as PEFT sees it.
+        product = self._product if x is self._input else None
+        self._input = self._product = None  # a long prompt's product is not kept
+        if product is None:
+            product = fused.low_rank_project(x, self.mixed) if one_row_on_gpu(x) else F.linear(x, self.mixed)
+        return self.base(x, low_rank=(product, self.lora_b))
 
 
 def one_row_on_gpu(x: torch.Tensor) -> bool:
@@ -133,71 +133,64 @@ def one_row_on_gpu(x: torch.Tensor) -> bool:
 
 
 class LoraNorm(RMSNorm):
-    """The norm whose output the layers of a LoraInput read. On a one-row CUDA step one kernel normalizes and
-    computes the product of the LoraInput, which then needs no launch of its own."""
+    """The norm whose output a LoraStack reads. On a one-row CUDA step one kernel normalizes and computes the
+    stack's first product, which then needs no launch of its own."""
 
-    def __init__(self, norm: RMSNorm, source: LoraInput):
+    def __init__(self, norm: RMSNorm, reader: LoraStack):
         super().__init__(norm.weight, norm.eps)
-        self.source = [source]  # in a list, so the shared module is not registered here too
+        self.reader = [reader]  # in a list, so the stack is not registered here too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        source = self.source[0]
-        if not (source.active and one_row_on_gpu(x)):
+        reader = self.reader[0]
+        if not (reader.active and one_row_on_gpu(x)):
             return super().forward(x)
-        y, product = fused.rms_norm_project(x, self.weight, self.eps, source.mixed)
-        source.hold(y, product)
+        y, product = fused.rms_norm_project(x, self.weight, self.eps, reader.mixed)
+        reader.hold(y, product)
         return y
 
 
 class LoraSiluMul(SiluMul):
-    """The MLP's activation, whose output down_proj reads. On a one-row CUDA step one kernel writes it and the
-    partial sums of the product of its LoraInput, which then needs no launch of its own."""
+    """The MLP's activation, whose output the down stack reads. On a one-row CUDA step one kernel writes it and
+    the partial sums of the stack's first product, which then needs no launch of its own."""
 
-    def __init__(self, act: SiluMul, source: LoraInput):  # act, the plain activation replaced, holds no state
+    def __init__(self, act: SiluMul, reader: LoraStack):  # act, the plain activation replaced, holds no state
         super().__init__()
-        self.source = [source]  # in a list, so the shared module is not registered here too
+        self.reader = [reader]  # in a list, so the stack is not registered here too
 
-    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        source = self.source[0]
-        if not (source.active and one_row_on_gpu(gate)):
-            return super().forward(gate, up)
-        out, parts = fused.silu_mul_project(gate, up, source.mixed)
-        source.hold(out, parts)
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        reader = self.reader[0]
+        if not (reader.active and one_row_on_gpu(gate_up[..., :gate_up.shape[-1] // 2])):
+            return super().forward(gate_up)
+        out, parts = fused.silu_mul_project(gate_up, reader.mixed)
+        reader.hold(out, parts)
         return out
 
 
-# The module that computes a LoraInput's product along with the input, by the type of the one it replaces.
+# The module that computes a LoraStack's first product along with its input, by the type of the one it replaces.
 PRODUCERS = {RMSNorm: LoraNorm, SiluMul: LoraSiluMul}
 
 
-class LoraLinear(nn.Module):
-    """A linear layer plus the low-rank updates of every loaded adapter that targets it."""
+def stack_of(block: nn.Module, path: str) -> tuple[str, str]:
+    """The path of the stack of `block` that runs layer `path` (e.g. "self_attn.q_proj"), and the layer's name."""
+    parent, _, layer = path.rpartition(".")
+    for stack_path in STACKS:
+        if stack_path.startswith(parent + ".") and layer in plain_stack(block.get_submodule(stack_path)).names:
+            return stack_path, layer
+    raise ModelError(f"the model has no layer {path!r} to adapt")
 
-    def __init__(self, base: nn.Module, source: LoraInput, call_order: int, device: torch.device,
-                 dtype: torch.dtype):
-        super().__init__()
-        self.base = base
-        self.call_order = call_order  # where the forward pass calls it among the layers sharing its input
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.source = [source]  # in a list, so the shared module is not registered under every layer
-        self.columns = (0, 0)  # this layer's columns of source's product
-        self.register_buffer("lora_b", torch.empty(self.out_features, 0, device=device, dtype=dtype), persistent=False)
 
-    def add(self, name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        # Zero factors pad the rank to a multiple of 8, so that every layer's columns of the product start
-        # 16 bytes apart, which the 4-bit kernel's epilogue needs to copy them whole.
-        padding = -a.shape[0] % 8
-        a, b = F.pad(a, (0, 0, 0, padding)), F.pad(b, (0, padding))
-        self.lora_b = torch.cat((self.lora_b, b.to(self.lora_b)), dim=1)
-        self.source[0].add(self, name, a, scale)
+def plain_stack(module: nn.Module) -> LinearStack:
+    """The stack itself, whether adapted or not."""
+    return module.base if isinstance(module, LoraStack) else module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        source = self.source[0]
-        if not source.active:
-            return self.base(x)
-        # x is the layer's real input, before any act-order permutation inside a Q4Linear, as PEFT sees it.
-        start, end = self.columns
-        return self.base(x, low_rank=(source.project(x, self)[..., start:end], self.lora_b))
+
+def layer_shape(model: nn.Module, path: str) -> tuple[int, int]:
+    """(inputs, outputs) of layer `path` of the model, e.g. "layers.3.self_attn.q_proj"."""
+    _, index, rest = path.split(".", 2)
+    block = model.layers[int(index)]
+    stack_path, layer = stack_of(block, rest)
+    stack = plain_stack(block.get_submodule(stack_path))
+    return stack.in_features, len(stack.rows(layer))
 
 
 @dataclass
@@ -229,7 +222,9 @@ class LoraSet:
     def add(self, name: str, updates: list[LowRankUpdate], source: str) -> None:
         """Add already checked updates under `name`; `source` says where they came from."""
         for update in updates:
-            self._lora_layer(update).add(name, update.a, update.b, update.scale)
+            block = self.model.layers[update.block]
+            stack_path, layer = stack_of(block, update.module.split(".", 2)[2])
+            self._lora_stack(block, stack_path).add(layer, name, update.a, update.b, update.scale)
         self.folders[name] = source
         self._write(self.mix)  # adding reset the coefficients of the layers it touched
 
@@ -252,34 +247,26 @@ class LoraSet:
 
     def _write(self, mix: dict[str, float]) -> None:
         for module in self.model.modules():
-            if isinstance(module, LoraInput):
+            if isinstance(module, LoraStack):
                 module.set_mix(mix)
         self.mix = mix
 
-    def _lora_layer(self, update: LowRankUpdate) -> LoraLinear:
-        """The LoraLinear the update belongs to, wrapping the plain linear layer there on first use, with the
-        LoraInput it shares with the other layers of its block that read the same input."""
-        block = self.model.layers[update.block]
-        path = update.module.split(".", 2)[2]  # e.g. "self_attn.q_proj"
-        parent_path, _, attribute = path.rpartition(".")
-        layer = block.get_submodule(path)
-        if isinstance(layer, LoraLinear):
-            return layer
+    def _lora_stack(self, block: nn.Module, stack_path: str) -> LoraStack:
+        """The LoraStack at `stack_path` of `block`, wrapping the plain stack there on first use, and making the
+        module whose output it reads compute its first product too."""
+        stack = block.get_submodule(stack_path)
+        if isinstance(stack, LoraStack):
+            return stack
         # The block's norm tells its device: a 4-bit layer handed to the CUDA kernels keeps no tensors.
-        device = block.input_layernorm.weight.device
-        ((siblings, producer),) = [(paths, producer) for paths, producer in SHARED_INPUTS if path in paths]
-        wrapped = [block.get_submodule(p) for p in siblings if isinstance(block.get_submodule(p), LoraLinear)]
-        source = wrapped[0].source[0] if wrapped else LoraInput(layer.in_features, device, self.dtype)
-        if not wrapped:
-            block.add_module("lora_input_" + siblings[0].replace(".", "_"), source)
-            if producer is not None:
-                owner_path, _, name = producer.rpartition(".")
-                owner = block.get_submodule(owner_path) if owner_path else block
-                plain = getattr(owner, name)
-                setattr(owner, name, PRODUCERS[type(plain)](plain, source))
-        layer = LoraLinear(layer, source, siblings.index(path), device, self.dtype)
-        setattr(block.get_submodule(parent_path), attribute, layer)
-        return layer
+        wrapped = LoraStack(stack, block.input_layernorm.weight.device, self.dtype)
+        parent_path, _, attribute = stack_path.rpartition(".")
+        setattr(block.get_submodule(parent_path), attribute, wrapped)
+        producer = STACKS[stack_path]
+        if producer is not None:
+            owner_path, _, name = producer.rpartition(".")
+            owner = block.get_submodule(owner_path) if owner_path else block
+            setattr(owner, name, PRODUCERS[type(getattr(owner, name))](getattr(owner, name), wrapped))
+        return wrapped
 
 
 def read_adapter(folder: str, model: nn.Module) -> list[LowRankUpdate]:
@@ -303,7 +290,7 @@ def read_adapter(folder: str, model: nn.Module) -> list[LowRankUpdate]:
         pairs.setdefault((path, int(layer)), {})[factor] = tensor
     if not pairs:
         raise ModelError(f"{weights_path}: the file holds no LoRA weights")
-    return [_update(path, layer, pair, settings, model.get_submodule(path), weights_path)
+    return [_update(path, layer, pair, settings, layer_shape(model, path), weights_path)
             for (path, layer), pair in sorted(pairs.items())]
 
 
@@ -360,7 +347,7 @@ def read_tensors(folder: str) -> tuple[str, dict[str, torch.Tensor]]:
     raise ModelError(f"{folder}: no adapter_model.safetensors or adapter_model.bin found")
 
 
-def _update(path: str, block: int, pair: dict[str, torch.Tensor], settings: dict, layer: nn.Module,
+def _update(path: str, block: int, pair: dict[str, torch.Tensor], settings: dict, shape: tuple[int, int],
             weights_path: str) -> LowRankUpdate:
     """One layer's factors with PEFT's scale, checked to fit the layer and the configured rank."""
     for factor, other in (("A", "B"), ("B", "A")):
@@ -370,7 +357,8 @@ def _update(path: str, block: int, pair: dict[str, torch.Tensor], settings: dict
     # Missing r and lora_alpha mean PEFT's defaults, 8 and 8.
     rank = int(_pattern_value(settings.get("rank_pattern") or {}, peft_key, settings.get("r", 8)))
     alpha = float(_pattern_value(settings.get("alpha_pattern") or {}, peft_key, settings.get("lora_alpha", 8)))
-    expected = {"A": (rank, layer.in_features), "B": (layer.out_features, rank)}
+    in_features, out_features = shape
+    expected = {"A": (rank, in_features), "B": (out_features, rank)}
     for factor, shape in expected.items():
         if tuple(pair[factor].shape) != shape:
             raise ModelError(f"{weights_path}: {path}.lora_{factor} has shape {list(pair[factor].shape)} where this "

@@ -38,6 +38,48 @@ def as_linear(weight) -> nn.Module:
     return weight if isinstance(weight, Q4Linear) else DenseLinear(weight)
 
 
+class LinearStack(nn.Module):
+    """Linear layers that read the same input, run as one layer whose output is theirs side by side.
+
+    Stacking their weights turns several products into one, which on a GPU is one kernel launch instead of
+    three (q, k and v) or two (gate and up). Layers whose weights cannot be stacked (a 4-bit and a dense one,
+    or 4-bit ones with different group sizes or input orders) run one after another instead. A stack of one
+    layer is that layer; LoRA adapters target the layers of a stack by `names`.
+    """
+
+    def __init__(self, named_weights: dict[str, object]):
+        super().__init__()
+        weights = list(named_weights.values())
+        self.names = list(named_weights)
+        self.out_sizes = [w.out_features if isinstance(w, Q4Linear) else w.shape[0] for w in weights]
+        stacked = stack_weights(weights)
+        self.parts = nn.ModuleList(as_linear(w) for w in ([stacked] if stacked is not None else weights))
+        self.in_features = self.parts[0].in_features
+        self.out_features = sum(self.out_sizes)
+
+    def rows(self, name: str) -> range:
+        """The rows of the stacked output that layer `name` writes."""
+        index = self.names.index(name)
+        start = sum(self.out_sizes[:index])
+        return range(start, start + self.out_sizes[index])
+
+    def forward(self, x: torch.Tensor, low_rank: LowRank | None = None) -> torch.Tensor:
+        if len(self.parts) == 1:
+            return self.parts[0](x, low_rank)
+        return add_low_rank(torch.cat([part(x) for part in self.parts], dim=-1), low_rank)
+
+
+def stack_weights(weights: list):
+    """One weight for all of these layers, outputs in order, or None where they cannot share one."""
+    if len(weights) == 1:
+        return weights[0]
+    if all(isinstance(w, Q4Linear) for w in weights):
+        return Q4Linear.stack(weights)
+    if all(isinstance(w, torch.Tensor) and w.dtype == weights[0].dtype for w in weights):
+        return torch.cat(weights)
+    return None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
@@ -96,22 +138,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, weights: dict, prefix: str):
         super().__init__()
-        self.q_proj = as_linear(weights[prefix + "q_proj.weight"])
-        self.k_proj = as_linear(weights[prefix + "k_proj.weight"])
-        self.v_proj = as_linear(weights[prefix + "v_proj.weight"])
-        self.o_proj = as_linear(weights[prefix + "o_proj.weight"])
+        self.qkv_proj = LinearStack({name: weights.pop(prefix + name + ".weight") for name in ("q_proj", "k_proj", "v_proj")})
+        self.o_proj = LinearStack({"o_proj": weights.pop(prefix + "o_proj.weight")})
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
+        # Where q, k and v sit in qkv_proj's output: the stack may be wrapped (by LoRA), so the sizes live here.
+        self.qkv_sizes = [size * config.head_dim for size in (config.num_heads, config.num_kv_heads, config.num_kv_heads)]
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, positions, bias) -> torch.Tensor:
         batch, length, _ = x.shape
         if length == 1 and fused.serves(x) and self.cache.fuses(batch):
             return self.fused_decode(x, cos, sin, positions, bias.shape[-1])
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = q.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.cache.attend(q, k, v, positions, bias)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
@@ -120,32 +163,33 @@ class Attention(nn.Module):
         """One position of each row on the GPU: the cache's fused kernels rotate q and k, store k and v and
         attend, reading only the filled slots however long the graph's bucket `cache_len` is."""
         rows = x.shape[0]
-        q = self.q_proj(x).view(rows, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(rows, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(rows, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).view(rows, -1).split(self.qkv_sizes, dim=-1)  # views: the kernels take row strides
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         out = self.cache.fused_attend(q, k, v, cos, sin, positions, cache_len)
         return self.o_proj(out.view(rows, 1, -1))
 
 
 class SiluMul(nn.Module):
-    """SwiGLU's activation, silu(gate) * up."""
+    """SwiGLU's activation, silu(gate) * up, of gate and up side by side in one tensor [..., 2 * n]."""
 
-    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if fused.serves(gate):
-            return fused.silu_mul(gate, up)
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if fused.serves(gate_up):
+            return fused.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
 
 class FeedForward(nn.Module):
     def __init__(self, weights: dict, prefix: str):
         super().__init__()
-        self.gate_proj = as_linear(weights[prefix + "gate_proj.weight"])
-        self.up_proj = as_linear(weights[prefix + "up_proj.weight"])
+        self.gate_up_proj = LinearStack({name: weights.pop(prefix + name + ".weight") for name in ("gate_proj", "up_proj")})
         self.act = SiluMul()
-        self.down_proj = as_linear(weights[prefix + "down_proj.weight"])
+        self.down_proj = LinearStack({"down_proj": weights.pop(prefix + "down_proj.weight")})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class Block(nn.Module):
@@ -164,6 +208,8 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, weights: dict):
+        """Build the model from `weights` (name -> tensor or Q4Linear). The linear layers' weights leave the
+        dict as their stacks take them, so that stacking never holds two copies of them."""
         super().__init__()
         self.config = config
         missing = [name for name in required_weights(config) if name not in weights]

@@ -110,6 +110,19 @@ class Q4Linear(torch.nn.Module):
         return cls(pack_rows(q), scale, offset, group_size, perm)
 
     @classmethod
+    def stack(cls, layers: list["Q4Linear"]) -> "Q4Linear | None":
+        """One layer whose outputs are these layers' outputs side by side, or None where they cannot share one
+        weight: their group sizes or input orders differ."""
+        first = layers[0]
+        for layer in layers[1:]:
+            same_perm = (layer.perm is None) == (first.perm is None) and (
+                layer.perm is None or torch.equal(layer.perm, first.perm))
+            if layer.group_size != first.group_size or layer.in_features != first.in_features or not same_perm:
+                return None
+        return cls(torch.cat([layer.packed for layer in layers], 1), torch.cat([layer.scale for layer in layers], 1),
+                   torch.cat([layer.offset for layer in layers], 1), first.group_size, first.perm)
+
+    @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = 128) -> "Q4Linear":
         """Round-to-nearest asymmetric 4-bit quantization of a dense [out, in] weight."""
         out_features, in_features = weight.shape

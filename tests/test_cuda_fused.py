@@ -26,18 +26,20 @@ def test_rms_norm(width):
     assert relative_error(fused.rms_norm(x, weight, 1e-5), reference) < 2e-3
 
 
-def test_silu_mul():
-    gate, up = torch.randn(2, 1, 11008, device=CUDA, dtype=torch.float16).unbind(0)
-    reference = F.silu(gate.float()) * up.float()
-    assert relative_error(fused.silu_mul(gate.contiguous(), up.contiguous()), reference) < 2e-3
+@pytest.mark.parametrize("rows,width", [(1, 11008), (3, 1536), (5, 1000)])
+def test_silu_mul(rows, width):
+    gate_up = torch.randn(rows, 1, 2 * width, device=CUDA, dtype=torch.float16)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    assert relative_error(fused.silu_mul(gate_up), F.silu(gate) * up) < 2e-3
 
 
 @pytest.mark.parametrize("rank,width", [(16, 11008), (40, 14336), (3, 1536)])
 def test_silu_mul_project(rank, width):
-    gate, up = (torch.randn(1, 1, width, device=CUDA, dtype=torch.float16) for _ in range(2))
+    gate_up = torch.randn(1, 1, 2 * width, device=CUDA, dtype=torch.float16)
     a = torch.randn(rank, width, device=CUDA, dtype=torch.float16) * width**-0.5
-    out, parts = fused.silu_mul_project(gate, up, a)
-    reference = F.silu(gate.float()) * up.float()
+    out, parts = fused.silu_mul_project(gate_up, a)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    reference = F.silu(gate) * up
     assert relative_error(out, reference) < 2e-3
     assert parts.dtype == torch.float32 and parts.shape[1:] == (1, 1, rank) and parts.shape[0] > 1
     assert relative_error(parts.sum(0), out.double() @ a.double().t()) < 2e-3
@@ -82,8 +84,9 @@ def test_bifurcated_attention(samples, heads, kv_heads, dim):
     context_values = torch.randn_like(context_keys)
     own_keys = torch.randn(samples + 2, kv_heads, capacity, dim, device=CUDA, dtype=torch.float16)
     own_values = torch.randn_like(own_keys)
-    q = torch.randn(samples, heads, dim, device=CUDA, dtype=torch.float16)
-    k, v = (torch.randn(samples, kv_heads, dim, device=CUDA, dtype=torch.float16) for _ in range(2))
+    # q, k and v are views into one stacked row per sample, as the model's q, k, v stack writes them.
+    qkv = torch.randn(samples, (heads + 2 * kv_heads) * dim, device=CUDA, dtype=torch.float16)
+    q, k, v = (t.unflatten(-1, (-1, dim)) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1))
     angles = torch.rand(1, dim // 2, device=CUDA) * 6.28
     cos, sin = torch.cat((angles, angles), -1).cos().half(), torch.cat((angles, angles), -1).sin().half()
 

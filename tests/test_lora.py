@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from engine.__main__ import adapter_mix, build_parser
 from engine.errors import ModelError
 from engine.generator import Generator
-from engine.lora import LoraLinear
+from engine.lora import LoraStack
 from engine.sampling import SamplingSettings
 from references import hf_model, our_model
 
@@ -192,12 +192,12 @@ def test_unusable_adapters_are_refused_with_the_file_and_the_problem(case, tmp_p
     shutil.copytree(reference[1]["attn4"], folder)
     breaks, message = REFUSALS[case]
     breaks(folder)
-    layers_before = sum(isinstance(module, LoraLinear) for module in loaded.model.modules())
+    layers_before = sum(isinstance(module, LoraStack) for module in loaded.model.modules())
     with pytest.raises(ModelError) as refusal:
         loaded.adapters.load("broken", str(folder))
     assert str(folder) in str(refusal.value) and message in str(refusal.value)
     assert list(loaded.adapters.folders) == list(ADAPTERS)  # a refused adapter leaves the model as it was
-    assert sum(isinstance(module, LoraLinear) for module in loaded.model.modules()) == layers_before
+    assert sum(isinstance(module, LoraStack) for module in loaded.model.modules()) == layers_before
 
 
 def test_command_line_names_adapters_and_weights(tmp_path):

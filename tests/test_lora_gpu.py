@@ -10,7 +10,7 @@ import torch
 from engine import synthetic
 from engine.bench import LORA_PROJECTIONS
 from engine.generator import Generator
-from engine.lora import LowRankUpdate
+from engine.lora import LowRankUpdate, layer_shape
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,12 +25,13 @@ def adapted_model():
     generator = torch.Generator(device="cuda").manual_seed(3)
     for name, rank, projections in (("alpha", 8, LORA_PROJECTIONS), ("beta", 4, LORA_PROJECTIONS[1::2])):
         updates = []
-        for index, block in enumerate(loaded.model.layers):
+        for index in range(len(loaded.model.layers)):
             for projection in projections:
-                layer = block.get_submodule(projection)
-                a = torch.randn(rank, layer.in_features, device="cuda", generator=generator) * layer.in_features**-0.5
-                b = torch.randn(layer.out_features, rank, device="cuda", generator=generator) * 0.2
-                updates.append(LowRankUpdate(f"layers.{index}.{projection}", index, a, b, scale=1.5))
+                path = f"layers.{index}.{projection}"
+                in_features, out_features = layer_shape(loaded.model, path)
+                a = torch.randn(rank, in_features, device="cuda", generator=generator) * in_features**-0.5
+                b = torch.randn(out_features, rank, device="cuda", generator=generator) * 0.2
+                updates.append(LowRankUpdate(path, index, a, b, scale=1.5))
         loaded.adapters.add(name, updates, "random factors")
     return loaded
 

@@ -53,9 +53,9 @@ def _kernels():
 
     @triton.jit
     def rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, keys_ptr, values_ptr,
-                          q_heads, kv_heads, keys_row_stride, max_seq, HALF: tl.constexpr):
+                          q_heads, q_row_stride, kv_row_stride, keys_row_stride, max_seq, HALF: tl.constexpr):
         # Program (row, head) of one position: rotate q in place; rotate k and store it with v in that
-        # row's cache at the slot held in slot_ptr.
+        # row's cache at the slot held in slot_ptr. q, k and v may be views into one row of q, k and v.
         row = tl.program_id(0)
         head = tl.program_id(1)
         slot = tl.load(slot_ptr)
@@ -63,14 +63,14 @@ def _kernels():
         cos = tl.load(cos_ptr + i).to(tl.float32)  # the position's row: both halves hold the same angles
         sin = tl.load(sin_ptr + i).to(tl.float32)
         if head < q_heads:
-            base = q_ptr + (row * q_heads + head) * 2 * HALF
+            base = q_ptr + row * q_row_stride + head * 2 * HALF
             a = tl.load(base + i).to(tl.float32)
             b = tl.load(base + HALF + i).to(tl.float32)
             tl.store(base + i, (a * cos - b * sin).to(q_ptr.dtype.element_ty))
             tl.store(base + HALF + i, (b * cos + a * sin).to(q_ptr.dtype.element_ty))
         else:
             h = head - q_heads
-            source = (row * kv_heads + h) * 2 * HALF
+            source = row * kv_row_stride + h * 2 * HALF
             a = tl.load(k_ptr + source + i).to(tl.float32)
             b = tl.load(k_ptr + source + HALF + i).to(tl.float32)
             target = row * keys_row_stride + (h * max_seq + slot) * 2 * HALF
@@ -80,17 +80,19 @@ def _kernels():
             tl.store(values_ptr + target + HALF + i, tl.load(v_ptr + source + HALF + i))
 
     @triton.jit
-    def silu_mul_kernel(gate_ptr, up_ptr, out_ptr, a_ptr, part_ptr, n, rank, PROJECT: tl.constexpr,
+    def silu_mul_kernel(gate_up_ptr, out_ptr, a_ptr, part_ptr, n, rank, PROJECT: tl.constexpr,
                         RANK: tl.constexpr, BLOCK: tl.constexpr):
-        # out = silu(gate) * up, BLOCK entries per program. With PROJECT (one row), program p also stores
+        # Program (p, row): out = silu(gate) * up for entries p * BLOCK .. of the row, where a row of
+        # gate_up holds gate and then up, n entries each. With PROJECT (one row), program p also stores
         # its entries' share of out @ a^T as partial sum p, which the next layer's 4-bit kernel adds up.
         p = tl.program_id(0)
+        row = tl.program_id(1)
         offsets = p * BLOCK + tl.arange(0, BLOCK)
         mask = offsets < n
-        g = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gate_up_ptr + row * 2 * n + offsets, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gate_up_ptr + row * 2 * n + n + offsets, mask=mask, other=0.0).to(tl.float32)
         out = (g / (1.0 + tl.exp(-g)) * u).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + offsets, out, mask=mask)
+        tl.store(out_ptr + row * n + offsets, out, mask=mask)
         if PROJECT:
             r = tl.arange(0, RANK)
             a = tl.load(a_ptr + r[:, None] * n + offsets[None, :], mask=(r[:, None] < rank) & mask[None, :], other=0.0)
@@ -137,7 +139,8 @@ def _kernels():
         tl.store(part_sum_ptr + part, running_sum, mask=r < rows)
 
     @triton.jit
-    def merge_parts_kernel(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, rows, q_row_stride, splits,
+    def merge_parts_kernel(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr, rows, q_row_stride, out_row_stride,
+                           splits,
                            q_ptr, own_keys_ptr, own_values_ptr, own_slot_ptr, own_row_stride, own_capacity, scale,
                            GROUP: tl.constexpr, DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
                            OWN: tl.constexpr, BLOCK: tl.constexpr):
@@ -154,7 +157,8 @@ def _kernels():
         sums = tl.load(part_sum_ptr + part, mask=in_range, other=0.0)
         outs = tl.load(part_out_ptr + part[:, None] * DIM + d[None, :], mask=in_range[:, None], other=0.0)
         best = tl.max(maxes, axis=0)
-        q_row = (r // GROUP) * q_row_stride + (kv_head * GROUP + r % GROUP) * DIM
+        head = kv_head * GROUP + r % GROUP
+        q_row = (r // GROUP) * q_row_stride + head * DIM
         if OWN:
             q = tl.load(q_ptr + q_row + d).to(tl.float32)
             own_length = tl.load(own_slot_ptr) + 1
@@ -183,7 +187,7 @@ def _kernels():
             own_weight = tl.exp(own_max - best)
             total += own_acc * own_weight
             norm += tl.sum(own_sum * own_weight, axis=0)
-        tl.store(out_ptr + q_row + d, (total / norm).to(out_ptr.dtype.element_ty))
+        tl.store(out_ptr + (r // GROUP) * out_row_stride + head * DIM + d, (total / norm).to(out_ptr.dtype.element_ty))
 
     @triton.jit
     def low_rank_project_kernel(x_ptr, w_ptr, a_ptr, y_ptr, h_ptr, n, eps, NORM: tl.constexpr, BLOCK: tl.constexpr):
@@ -224,19 +228,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rope_and_store(q, k, v, cos, sin, slot, keys, values) -> None:
     """For one position of each of `rows` sequences: rotate q [rows, q_heads, dim] in place; rotate k and store
     it and v [rows, kv_heads, dim] at `slot` (a one-element tensor) of each row's cache, keys / values
-    [rows, kv_heads, slots, dim]. cos and sin are the position's rows of the rotary tables."""
+    [rows, kv_heads, slots, dim]. cos and sin are the position's rows of the rotary tables. Rows may lie
+    apart (views into stacked q, k and v); heads must be contiguous within a row."""
     kernel = _kernels()[1]
     rows, q_heads, dim = q.shape
     kv_heads = k.shape[1]
-    kernel[(rows, q_heads + kv_heads)](q, k, v, cos, sin, slot, keys, values, q_heads, kv_heads, keys[0].numel(),
-                                       keys.shape[2], HALF=dim // 2)
+    if k.stride() != v.stride() or q.stride()[1:] != (dim, 1) or k.stride()[1:] != (dim, 1):
+        raise ValueError("rope_and_store needs rows of contiguous heads, and k and v laid out alike")
+    kernel[(rows, q_heads + kv_heads)](q, k, v, cos, sin, slot, keys, values, q_heads, q.stride(0), k.stride(0),
+                                       keys[0].numel(), keys.shape[2], HALF=dim // 2)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(gate)
-    n = gate.numel()
-    _kernels()[2][(-(-n // 1024),)](gate, up, out, out, out, n, 0, PROJECT=False, RANK=1, BLOCK=1024)
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate and up side by side in gate_up [..., 2 * n]."""
+    gate_up, out, n = _gate_up_and_out(gate_up)
+    rows = gate_up.numel() // (2 * n)
+    _kernels()[2][(-(-n // 1024), rows)](gate_up, out, out, out, n, 0, PROJECT=False, RANK=1, BLOCK=1024)
     return out
+
+
+def _gate_up_and_out(gate_up: torch.Tensor):
+    n = gate_up.shape[-1] // 2
+    return gate_up.contiguous(), gate_up.new_empty(*gate_up.shape[:-1], n), n
 
 
 # Entries per program of the projecting SiLU-multiply: enough programs that the reads of a spread over
@@ -244,16 +257,16 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 SILU_PROJECT_BLOCK = 512
 
 
-def silu_mul_project(gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor):
-    """(out, parts) for out = silu(gate) * up of one row [..., n] and parts float32 [parts, ..., rank], partial
-    sums of out @ a^T, in one launch: the activation and the first product of the LoRA updates of the layer
-    that reads it."""
-    out = torch.empty_like(gate)
-    n, rank = gate.numel(), a.shape[0]
+def silu_mul_project(gate_up: torch.Tensor, a: torch.Tensor):
+    """(out, parts) for out = silu_mul(gate_up) of one row and parts float32 [parts, ..., rank], partial sums of
+    out @ a^T, in one launch: the activation and the first product of the LoRA updates of the layer that
+    reads it."""
+    gate_up, out, n = _gate_up_and_out(gate_up)
+    rank = a.shape[0]
     programs = -(-n // SILU_PROJECT_BLOCK)
-    parts = torch.empty(programs, *gate.shape[:-1], rank, device=gate.device, dtype=torch.float32)
-    _kernels()[2][(programs,)](gate, up, out, a, parts, n, rank, PROJECT=True, RANK=_next_pow2(rank),
-                               BLOCK=SILU_PROJECT_BLOCK, num_warps=8)
+    parts = torch.empty(programs, *out.shape[:-1], rank, device=out.device, dtype=torch.float32)
+    _kernels()[2][(programs, 1)](gate_up, out, a, parts, n, rank, PROJECT=True, RANK=_next_pow2(rank),
+                                 BLOCK=SILU_PROJECT_BLOCK, num_warps=8)
     return out, parts
 
 
@@ -285,20 +298,20 @@ MAX_ROWS_PER_PROGRAM = 64
 
 
 def decode_attention(q, keys, values, position, max_length: int) -> torch.Tensor:
-    """Attention of one token's q [q_heads, dim] over cache slots 0..position (a one-element tensor) of
-    keys / values [1, kv_heads, slots, dim].
+    """Attention of one token's q [q_heads, dim] (heads contiguous) over cache slots 0..position (a one-element
+    tensor) of keys / values [1, kv_heads, slots, dim].
 
     `max_length` bounds the position (the graph bucket): it sets how many splits share the work, so
     that long contexts spread over the whole GPU while short ones stay one block per KV head.
     """
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     _attention(q.unsqueeze(0), keys[0], values[0], position, 1, max_length, out.unsqueeze(0))
     return out
 
 
 def bifurcated_attention(q, context_keys, context_values, context_len, max_context: int,
                          own_keys, own_values, own_slot) -> torch.Tensor:
-    """Attention of n samples, one query each (q [n, q_heads, dim]), over the first context_len slots of a
+    """Attention of n samples, one query each (q [n, q_heads, dim], heads contiguous), over the first context_len slots of a
     context they share (keys / values [kv_heads, slots, dim]) and each sample's own slots 0..own_slot
     (own keys / values [rows >= n, kv_heads, capacity, dim]). context_len and own_slot are one-element
     tensors, so a captured graph follows them; max_context bounds context_len, as in decode_attention.
@@ -306,7 +319,7 @@ def bifurcated_attention(q, context_keys, context_values, context_len, max_conte
     Every sample's query rows of a KV head share one read of the context; the own slots, which are few,
     are folded in by the merge, which then divides by one softmax total over both.
     """
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     own = (own_keys, own_values, own_slot, own_keys[0].numel(), own_keys.shape[2])
     _attention(q, context_keys, context_values, context_len, 0, max_context, out, own)
     return out
@@ -314,7 +327,8 @@ def bifurcated_attention(q, context_keys, context_values, context_len, max_conte
 
 def _attention(q, keys, values, length, length_bias: int, max_length: int, out, own=None) -> None:
     """Attention of q [n, q_heads, dim] over slots 0..length + length_bias - 1 of keys / values [kv_heads,
-    slots, dim] into out [n, q_heads, dim]; with `own`, each sample also attends over its own cache."""
+    slots, dim] into out [n, q_heads, dim] (contiguous); with `own`, each sample also attends over its own cache.
+    q's rows may lie apart, as views into stacked q, k and v do."""
     parts_kernel, merge_kernel = _kernels()[3:5]
     samples, q_heads, dim = q.shape
     kv_heads, max_seq = keys.shape[0], keys.shape[1]
@@ -328,12 +342,12 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
     part_max = torch.empty(kv_heads * splits * rows, device=q.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
     scale = dim**-0.5
-    q_row_stride = q_heads * dim
+    q_row_stride = q.stride(0)
     parts_kernel[(kv_heads, splits, row_blocks)](
         q, keys, values, length, length_bias, part_out, part_max, part_sum, rows, q_row_stride, max_seq, scale,
         splits, GROUP=group, ROWS=rows_per_program, DIM=dim, BLOCK=ATTENTION_BLOCK)
     own_keys, own_values, own_slot, own_row_stride, own_capacity = own if own is not None else (q, q, length, 0, 0)
     merge_kernel[(kv_heads, rows)](
-        part_out, part_max, part_sum, out, rows, q_row_stride, splits, q, own_keys, own_values, own_slot,
+        part_out, part_max, part_sum, out, rows, q_row_stride, q_heads * dim, splits, q, own_keys, own_values, own_slot,
         own_row_stride, own_capacity, scale, GROUP=group, DIM=dim, SPLITS_PAD=max(2, _next_pow2(splits)),
         OWN=own is not None, BLOCK=ATTENTION_BLOCK)
