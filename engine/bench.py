@@ -146,7 +146,24 @@ def measure_synthetic(name: str, group_size: int = 128, new_tokens: int = 64, ru
         else:
             result["fp16"] = figures
         del generator, loaded
+    result["vram_gb_2048"] = peak_vram_gb(name, group_size, VRAM_GOAL_CONTEXT, new_tokens)
     return result
+
+
+VRAM_GOAL_CONTEXT = 2048  # the issue's VRAM goal is for a cache of this many tokens
+
+
+def peak_vram_gb(name: str, group_size: int, context: int, new_tokens: int) -> float:
+    """Peak GB allocated by a 4-bit synthetic model with a cache of `context` tokens, from loading it through a
+    prompt that fills the cache but for `new_tokens`, which it then decodes."""
+    from .synthetic import synthetic_model
+
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    loaded = synthetic_model(name, device, bits=4, group_size=group_size, max_seq_len=context)
+    decode_rate(Generator(loaded), context - new_tokens, new_tokens, runs=1)
+    return round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
 
 
 LORA_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -9,6 +9,7 @@ the context they share once per step.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .cuda import fused
 
@@ -28,9 +29,10 @@ class KVCache:
         self.values.index_copy_(2, positions, v)
         return self.keys[:, :, :cache_len], self.values[:, :, :cache_len]
 
-    def attend(self, q, k, v, positions: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Store this step's keys and values, then attend over the cache; other caches differ here."""
-        keys, values = self.write(k, v, positions, bias.shape[-1])
+    def attend(self, q, k, v, positions: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Store this step's keys and values, then attend over the cache; other caches differ here. A bias of
+        None means the step's tokens are the cache's first ones, attending causally."""
+        keys, values = self.write(k, v, positions, q.shape[2] if bias is None else bias.shape[-1])
         return grouped_attention(q, keys, values, bias)
 
     def fuses(self, rows: int) -> bool:
@@ -44,14 +46,23 @@ class KVCache:
         return fused.decode_attention(q[0], self.keys, self.values, positions, cache_len)
 
 
-def grouped_attention(q, keys, values, bias: torch.Tensor) -> torch.Tensor:
+def grouped_attention(q, keys, values, bias: torch.Tensor | None) -> torch.Tensor:
     """Attention where each KV head serves a group of query heads, without repeating the cache.
 
     q [batch, heads, length, head_dim]; keys and values [batch, kv_heads, cache_len, head_dim];
-    bias [length, cache_len] is 0 where a query may see a key and -inf where it may not.
+    bias [length, cache_len] is 0 where a query may see a key and -inf where it may not; None means
+    plain causal attention of queries 0 .. length - 1 over as many keys.
     """
     batch, heads, length, head_dim = q.shape
     kv_heads = keys.shape[1]
+    if q.is_cuda:
+        # PyTorch's fused attention kernels, which never hold a long prompt's scores in memory; the plain
+        # causal case runs flash attention, which takes no mask.
+        mask = None if bias is None else bias.to(q.dtype)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=bias is None,
+                                              enable_gqa=kv_heads != heads)
+    if bias is None:
+        bias = torch.full((length, length), float("-inf"), device=q.device).triu(1)
     group = heads // kv_heads
     dtype = q.dtype
     if q.device.type == "cpu" and dtype == torch.float16 and length > 1:

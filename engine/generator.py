@@ -18,7 +18,10 @@ from .loader import LoadedModel
 from .sampling import SamplingSettings, sample
 from .tokenizer import IncrementalDecoder
 
-PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory on long prompts
+# Prompt tokens per forward pass, which bounds activation memory on long prompts. On a GPU a 4-bit layer
+# dequantizes its weights once per pass for cuBLAS, which a larger chunk spreads over more tokens; the CPU
+# path's attention holds every score of a chunk in memory.
+PREFILL_CHUNK = {"cpu": 512, "cuda": 2048}
 
 
 @dataclass
@@ -178,8 +181,9 @@ class Generator:
         while reused < limit and self.cached[reused] == prompt_ids[reused]:
             reused += 1
         logits = None
-        for start in range(reused, len(prompt_ids), PREFILL_CHUNK):
-            logits = self._forward(prompt_ids[start:start + PREFILL_CHUNK], start)
+        chunk = PREFILL_CHUNK[self.loaded.device.type]
+        for start in range(reused, len(prompt_ids), chunk):
+            logits = self._forward(prompt_ids[start:start + chunk], start)
         return logits, reused
 
     def generate(self, prompt_ids: list[int], settings: SamplingSettings, max_new_tokens: int = 200,

@@ -37,7 +37,7 @@ from torch import nn
 
 from .cuda import fused
 from .errors import ModelError
-from .model import LinearStack, RMSNorm, SiluMul
+from .model import STACKS, LinearStack, RMSNorm, SiluMul
 
 ADAPTABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -64,9 +64,9 @@ UNSUPPORTED_SETTINGS = {
 }
 
 
-# The stacks of a block, and the module whose output a stack reads, where a fused kernel of that module can
-# compute the updates' first product too.
-STACKS = {"self_attn.qkv_proj": "input_layernorm", "self_attn.o_proj": None,
+# The module whose output each stack of a block reads, where a fused kernel of that module can compute the
+# updates' first product too.
+STACK_INPUTS = {"self_attn.qkv_proj": "input_layernorm", "self_attn.o_proj": None,
           "mlp.gate_up_proj": "post_attention_layernorm", "mlp.down_proj": "mlp.act"}
 
 
@@ -173,8 +173,8 @@ PRODUCERS = {RMSNorm: LoraNorm, SiluMul: LoraSiluMul}
 def stack_of(block: nn.Module, path: str) -> tuple[str, str]:
     """The path of the stack of `block` that runs layer `path` (e.g. "self_attn.q_proj"), and the layer's name."""
     parent, _, layer = path.rpartition(".")
-    for stack_path in STACKS:
-        if stack_path.startswith(parent + ".") and layer in plain_stack(block.get_submodule(stack_path)).names:
+    for stack_path, layers in STACKS.items():
+        if stack_path.startswith(parent + ".") and layer in layers:
             return stack_path, layer
     raise ModelError(f"the model has no layer {path!r} to adapt")
 
@@ -261,7 +261,7 @@ class LoraSet:
         wrapped = LoraStack(stack, block.input_layernorm.weight.device, self.dtype)
         parent_path, _, attribute = stack_path.rpartition(".")
         setattr(block.get_submodule(parent_path), attribute, wrapped)
-        producer = STACKS[stack_path]
+        producer = STACK_INPUTS[stack_path]
         if producer is not None:
             owner_path, _, name = producer.rpartition(".")
             owner = block.get_submodule(owner_path) if owner_path else block

@@ -38,6 +38,11 @@ def as_linear(weight) -> nn.Module:
     return weight if isinstance(weight, Q4Linear) else DenseLinear(weight)
 
 
+# The stacks of a block by path, and the checkpoint's layers that each one runs, in output order.
+STACKS = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",),
+          "mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)}
+
+
 class LinearStack(nn.Module):
     """Linear layers that read the same input, run as one layer whose output is theirs side by side.
 
@@ -67,6 +72,11 @@ class LinearStack(nn.Module):
         if len(self.parts) == 1:
             return self.parts[0](x, low_rank)
         return add_low_rank(torch.cat([part(x) for part in self.parts], dim=-1), low_rank)
+
+
+def take_stack(weights: dict, prefix: str, path: str) -> LinearStack:
+    """The stack at `path` of a block, its layers' weights taken out of `weights` (prefix: the module's own)."""
+    return LinearStack({name: weights.pop(prefix + name + ".weight") for name in STACKS[path]})
 
 
 def stack_weights(weights: list):
@@ -138,8 +148,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, weights: dict, prefix: str):
         super().__init__()
-        self.qkv_proj = LinearStack({name: weights.pop(prefix + name + ".weight") for name in ("q_proj", "k_proj", "v_proj")})
-        self.o_proj = LinearStack({"o_proj": weights.pop(prefix + "o_proj.weight")})
+        self.qkv_proj = take_stack(weights, prefix, "self_attn.qkv_proj")
+        self.o_proj = take_stack(weights, prefix, "self_attn.o_proj")
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -148,9 +158,10 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, positions, bias) -> torch.Tensor:
+        """bias: see grouped_attention; None when the tokens are the first in the cache."""
         batch, length, _ = x.shape
         if length == 1 and fused.serves(x) and self.cache.fuses(batch):
-            return self.fused_decode(x, cos, sin, positions, bias.shape[-1])
+            return self.fused_decode(x, cos, sin, positions, length if bias is None else bias.shape[-1])
         q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         q = q.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -184,9 +195,9 @@ class SiluMul(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, weights: dict, prefix: str):
         super().__init__()
-        self.gate_up_proj = LinearStack({name: weights.pop(prefix + name + ".weight") for name in ("gate_proj", "up_proj")})
+        self.gate_up_proj = take_stack(weights, prefix, "mlp.gate_up_proj")
         self.act = SiluMul()
-        self.down_proj = LinearStack({"down_proj": weights.pop(prefix + "down_proj.weight")})
+        self.down_proj = take_stack(weights, prefix, "mlp.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -241,10 +252,12 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, start: int = 0, last_only: bool = True) -> torch.Tensor:
         """Logits (float32) for tokens [batch, length] placed at positions start.., writing the KV cache."""
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        return self.step(tokens, positions, start + tokens.shape[1], last_only)
+        return self.step(tokens, positions, start + tokens.shape[1], last_only, causal=start == 0)
 
-    def step(self, tokens, positions: torch.Tensor, cache_len: int, last_only: bool = True) -> torch.Tensor:
+    def step(self, tokens, positions: torch.Tensor, cache_len: int, last_only: bool = True,
+             causal: bool = False) -> torch.Tensor:
         """The forward pass with positions given as a tensor, attending over the first cache_len cache slots.
+        `causal` promises that the positions are 0 .. cache_len - 1, so that attention needs no mask.
 
         Only tensor values change from call to call, never shapes, so a CUDA graph can capture a decode
         step for a fixed cache_len and replay it at any position below that.
@@ -252,10 +265,12 @@ class Transformer(nn.Module):
         x = tokens
         for index, segment in enumerate(self.segments):
             with current_device(segment.device):
-                x = self.run_segment(index, x.to(segment.device), positions.to(segment.device), cache_len, last_only)
+                x = self.run_segment(index, x.to(segment.device), positions.to(segment.device), cache_len, last_only,
+                                     causal)
         return x
 
-    def run_segment(self, index: int, x, positions: torch.Tensor, cache_len: int, last_only: bool = True):
+    def run_segment(self, index: int, x, positions: torch.Tensor, cache_len: int, last_only: bool = True,
+                    causal: bool = False):
         """Segment `index`'s part of `step`, on its device: the first takes token ids, the others the hidden
         state of the one before; the last returns the logits."""
         segment = self.segments[index]
@@ -263,9 +278,7 @@ class Transformer(nn.Module):
             x = F.embedding(x, self.embed_tokens)
         rope_cos, rope_sin = self.rope[segment.device]
         cos, sin = rope_cos[positions], rope_sin[positions]
-        keys = torch.arange(cache_len, device=segment.device)
-        bias = torch.zeros(positions.shape[0], cache_len, device=segment.device)
-        bias = bias.masked_fill(keys[None, :] > positions[:, None], float("-inf"))
+        bias = None if causal else attention_bias(positions, cache_len)
         for layer in self.layers[segment.layers.start:segment.layers.stop]:
             x = layer(x, cos, sin, positions, bias)
         if index < len(self.segments) - 1:
@@ -273,6 +286,13 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x)).float()
+
+
+def attention_bias(positions: torch.Tensor, cache_len: int) -> torch.Tensor:
+    """[len(positions), cache_len]: 0 where the query at a position may see a cache slot, -inf where not."""
+    keys = torch.arange(cache_len, device=positions.device)
+    bias = torch.zeros(positions.shape[0], cache_len, device=positions.device)
+    return bias.masked_fill(keys[None, :] > positions[:, None], float("-inf"))
 
 
 @dataclass(frozen=True)

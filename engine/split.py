@@ -10,21 +10,24 @@ only, so long contexts run out of memory), a share covers everything the model w
               kernels' padded layout, the rest dense in the activation dtype (b bytes)
     cache     2 (keys, values) x kv_heads x head_dim x C x b per layer, C = the max sequence length
     buffers   the larger of two workspaces, which never coexist:
-                prefill  one chunk of T tokens (the generator's 512, or C if shorter) attending over C slots:
-                         T x C x (12 x heads + 4 x heads / kv_heads + 8)   scores (the fp16 product, its fp32
-                                  copy, the masked sum and the softmax: 12 bytes an element at the peak), the
-                                  mask repeated per query group, the mask
+                prefill  one chunk of T tokens (the generator's 2048 on a GPU, or C if shorter) attending over
+                         C slots:
+                         6 x T x C                                         the mask, float32 and an fp16 copy (the
+                                                                           fused attention kernels keep no scores)
                          + 3 x T x intermediate x b + 8 x T x hidden x b   MLP and residual activations
-                         + 2 x out x in of the largest 4-bit layer         its fp16 copy for the cuBLAS path
+                         + 2 x out x in of the largest 4-bit stack         its fp16 copy for the cuBLAS path
                          + 10 x T x vocab on the last GPU                  fp16 logits, fp32 logits, log-softmax
-                load     9 bytes a weight of the largest 4-bit layer       repacking it for the kernels
-              + 2 x the attention of one token over C + 64 MiB           the CUDA graphs' pool (all buckets)
+                load     9 x 4096 x max(hidden, intermediate)              repacking the largest 4-bit stack for
+                         + 1 byte a weight of that stack                   the kernels, 4096 outputs at a time
+              A stack is the layers that run as one (q, k and v; gate and up: engine.model.STACKS).
+              + 2 x 6 x C + 64 MiB                                        the CUDA graphs' pool (all buckets): a
+                                                                          token's mask in each of two graph sets
               + 2 x C x head_dim x b                                      the rotary tables
               + 4% of weights, cache and buffers + 512 MiB                the margin: allocator rounding, and
                                   what the CUDA context takes on first use (kernel images, cuBLAS workspaces)
 
 GiB here is 2**30 bytes, as in ExLlama's -gs. The prefill term assumes the generator's chunks; a perplexity
-window longer than PREFILL_CHUNK tokens needs more. LoRA adapters and parallel samples are not planned for.
+window longer than a chunk needs more. LoRA adapters and parallel samples are not planned for.
 """
 
 from __future__ import annotations
@@ -38,17 +41,17 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
-from .cuda.q4 import SLICE_N, TILE_K
+from .cuda.q4 import REPACK_OUTPUTS, SLICE_N, TILE_K
 from .errors import ModelError
 from .formats import gguf, hf
 from .generator import PREFILL_CHUNK
-from .model import required_weights
+from .model import STACKS, required_weights
 
 GiB = 1 << 30
 MARGIN = 0.04
 RESERVE = 512 << 20
 GRAPH_POOL_SLACK = 64 << 20
-REPACK_BYTES_PER_WEIGHT = 9  # cuda.q4.repack peaks at two int32 temporaries of the unpacked weight
+REPACK_BYTES_PER_WEIGHT = 9  # cuda.q4.repack peaks at two int32 temporaries of the unpacked outputs it works on
 MIN_GROUP = 16  # the smallest group size the kernels take: an upper bound on scale bytes when unknown
 
 EMBEDDING = "model.embed_tokens.weight"
@@ -82,10 +85,15 @@ def layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def attention_bytes(config: ModelConfig, tokens: int, cache_len: int) -> int:
-    """Peak bytes of the attention scores of `tokens` queries over `cache_len` slots (see the module doc)."""
-    group = config.num_heads // config.num_kv_heads
-    return tokens * cache_len * (12 * config.num_heads + 4 * group + 8)
+def largest_q4_stack(shapes: dict[str, WeightShape], num_layers: int) -> int:
+    """Weights in the largest stack of 4-bit layers, which the model runs (and dequantizes) as one."""
+    largest = 0
+    for index in range(num_layers):
+        for path, names in STACKS.items():
+            parent = path.rpartition(".")[0]
+            members = [shapes.get(f"model.layers.{index}.{parent}.{name}.weight") for name in names]
+            largest = max(largest, sum(math.prod(w.shape) for w in members if w is not None and w.group_size))
+    return largest
 
 
 @dataclass(frozen=True)
@@ -104,21 +112,20 @@ class Footprint:
 
     @classmethod
     def of(cls, config: ModelConfig, shapes: dict[str, WeightShape], max_seq_len: int,
-           dtype_bytes: int = 2, prefill_tokens: int = PREFILL_CHUNK) -> Footprint:
+           dtype_bytes: int = 2, prefill_tokens: int = PREFILL_CHUNK["cuda"]) -> Footprint:
         layers = [0] * config.num_layers
-        largest_q4 = 0
         for name, weight in shapes.items():
             index = layer_index(name)
             if index is not None:
                 layers[index] += device_bytes(weight, dtype_bytes)
-            if weight.group_size:
-                largest_q4 = max(largest_q4, math.prod(weight.shape))
+        largest_q4 = largest_q4_stack(shapes, config.num_layers)
         tied = HEAD not in shapes
         t, b = min(prefill_tokens, max_seq_len), dtype_bytes
-        prefill = (attention_bytes(config, t, max_seq_len) + 3 * t * config.intermediate_size * b
+        prefill = (6 * t * max_seq_len + 3 * t * config.intermediate_size * b
                    + 8 * t * config.hidden_size * b + 2 * largest_q4)
-        load = REPACK_BYTES_PER_WEIGHT * largest_q4
-        fixed = (2 * attention_bytes(config, 1, max_seq_len) + GRAPH_POOL_SLACK
+        widest_part = REPACK_OUTPUTS * max(config.hidden_size, config.intermediate_size)
+        load = REPACK_BYTES_PER_WEIGHT * min(largest_q4, widest_part) + largest_q4
+        fixed = (2 * 6 * max_seq_len + GRAPH_POOL_SLACK
                  + 2 * max_seq_len * config.head_dim * b)
         logits = 10 * t * config.vocab_size
         return cls(

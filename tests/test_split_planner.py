@@ -127,11 +127,12 @@ def test_cache_bytes_are_what_the_kv_cache_allocates():
 def test_buffers_follow_the_documented_formula():
     config = synthetic_config("llama2-70b")
     footprint = Footprint.of(config, weight_shapes(config), 4096)
-    attention = 512 * 4096 * (12 * 64 + 4 * 8 + 8)
-    prefill = attention + 3 * 512 * 28672 * 2 + 8 * 512 * 8192 * 2 + 2 * 28672 * 8192
-    fixed = 2 * 4096 * (12 * 64 + 4 * 8 + 8) + split.GRAPH_POOL_SLACK + 2 * 4096 * 128 * 2
-    assert footprint.buffers == max(prefill, 9 * 28672 * 8192) + fixed
-    assert footprint.last_buffers == footprint.buffers + 10 * 512 * 32000
+    gate_up = 2 * 28672 * 8192  # the largest 4-bit stack
+    prefill = 6 * 2048 * 4096 + 3 * 2048 * 28672 * 2 + 8 * 2048 * 8192 * 2 + 2 * gate_up
+    fixed = 2 * 6 * 4096 + split.GRAPH_POOL_SLACK + 2 * 4096 * 128 * 2
+    load = 9 * 4096 * 28672 + gate_up  # repacked 4096 outputs at a time
+    assert footprint.buffers == max(prefill, load) + fixed
+    assert footprint.last_buffers == max(prefill + 10 * 2048 * 32000, load) + fixed
 
 
 def test_long_contexts_cost_cache_and_attention_buffers():
@@ -144,7 +145,7 @@ def test_long_contexts_cost_cache_and_attention_buffers():
 
 def test_a_context_shorter_than_a_prefill_chunk_plans_for_its_own_length():
     config = synthetic_config("llama2-7b")
-    short, chunk = (Footprint.of(config, weight_shapes(config), n) for n in (64, 512))
+    short, chunk = (Footprint.of(config, weight_shapes(config), n) for n in (64, 2048))
     assert short.buffers < chunk.buffers
 
 

@@ -49,8 +49,21 @@ def unsupported_reason(layer: Q4Linear) -> str | None:
     return None
 
 
+REPACK_OUTPUTS = 4096  # outputs repacked at a time: bounds the temporaries of a large stack (a multiple of 32)
+
+
 def repack(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int):
-    """Q4Linear buffers -> (weights, scales) in the kernel layout above, on the same device."""
+    """Q4Linear buffers -> (weights, scales) in the kernel layout above, on the same device. Slices of outputs
+    are independent in that layout, so a wide layer is repacked a few thousand outputs at a time."""
+    parts = [_repack_outputs(packed[:, c:c + REPACK_OUTPUTS], scale[:, c:c + REPACK_OUTPUTS],
+                             offset[:, c:c + REPACK_OUTPUTS], group_size)
+             for c in range(0, packed.shape[1], REPACK_OUTPUTS)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([weights for weights, _ in parts]), torch.cat([scales for _, scales in parts])
+
+
+def _repack_outputs(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int):
     in_features, out_features = packed.shape[0] * 8, packed.shape[1]
     k_pad, n_pad = _ceil_to(in_features, TILE_K), _ceil_to(out_features, SLICE_N)
     k_tiles, slices = k_pad // TILE_K, n_pad // SLICE_N
