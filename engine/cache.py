@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .cuda import fused
 
@@ -46,6 +47,9 @@ class KVCache:
         return fused.decode_attention(q[0], self.keys, self.values, positions, cache_len)
 
 
+PROMPT_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
 def grouped_attention(q, keys, values, bias: torch.Tensor | None) -> torch.Tensor:
     """Attention where each KV head serves a group of query heads, without repeating the cache.
 
@@ -57,10 +61,12 @@ def grouped_attention(q, keys, values, bias: torch.Tensor | None) -> torch.Tenso
     kv_heads = keys.shape[1]
     if q.is_cuda:
         # PyTorch's fused attention kernels, which never hold a long prompt's scores in memory; the plain
-        # causal case runs flash attention, which takes no mask.
+        # causal case runs flash attention, which takes no mask. Not cuDNN's: on an H200, once its attention
+        # kernel has run, every later decode step's graph replays ~7% slower (bench/NOTES.md, session 4).
         mask = None if bias is None else bias.to(q.dtype)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=bias is None,
-                                              enable_gqa=kv_heads != heads)
+        with sdpa_kernel(PROMPT_ATTENTION_BACKENDS):
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=bias is None,
+                                                  enable_gqa=kv_heads != heads)
     if bias is None:
         bias = torch.full((length, length), float("-inf"), device=q.device).triu(1)
     group = heads // kv_heads
