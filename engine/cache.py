@@ -63,10 +63,15 @@ def grouped_attention(q, keys, values, bias: torch.Tensor | None) -> torch.Tenso
         # PyTorch's fused attention kernels, which never hold a long prompt's scores in memory; the plain
         # causal case runs flash attention, which takes no mask. Not cuDNN's: on an H200, once its attention
         # kernel has run, every later decode step's graph replays ~7% slower (bench/NOTES.md, session 4).
+        flash = bias is None and q.dtype in (torch.float16, torch.bfloat16)
+        if kv_heads != heads and not flash:
+            # Only flash attention serves grouped heads; the memory-efficient kernel needs them repeated.
+            keys = keys.repeat_interleave(heads // kv_heads, dim=1)
+            values = values.repeat_interleave(heads // kv_heads, dim=1)
         mask = None if bias is None else bias.to(q.dtype)
         with sdpa_kernel(PROMPT_ATTENTION_BACKENDS):
             return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=bias is None,
-                                                  enable_gqa=kv_heads != heads)
+                                                  enable_gqa=keys.shape[1] != heads)
     if bias is None:
         bias = torch.full((length, length), float("-inf"), device=q.device).triu(1)
     group = heads // kv_heads

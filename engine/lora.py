@@ -140,13 +140,13 @@ class LoraNorm(RMSNorm):
         super().__init__(norm.weight, norm.eps)
         self.reader = [reader]  # in a list, so the stack is not registered here too
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         reader = self.reader[0]
         if not (reader.active and one_row_on_gpu(x)):
-            return super().forward(x)
-        y, product = fused.rms_norm_project(x, self.weight, self.eps, reader.mixed)
+            return super().forward(x, residual)
+        total, y, product = fused.rms_norm_project(x, self.weight, self.eps, reader.mixed, residual)
         reader.hold(y, product)
-        return y
+        return y if residual is None else (total, y)
 
 
 class LoraSiluMul(SiluMul):

@@ -96,10 +96,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The norm of x; with `residual`, (x + residual, the norm of that): the residual stream's add and the
+        norm after it, which on a GPU are one kernel."""
         if fused.serves(x):
-            return fused.rms_norm(x, self.weight, self.eps)
-        # Normalise in float32 like the reference, whatever the activation dtype.
+            return fused.rms_norm(x, self.weight, self.eps, residual)
+        if residual is None:
+            return self.normalize(x)
+        x = x + residual
+        return x, self.normalize(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        # In float32 like the reference, whatever the activation dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -212,9 +220,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(weights[prefix + "post_attention_layernorm.weight"], config.rms_norm_eps)
         self.mlp = FeedForward(weights, prefix + "mlp.")
 
-    def forward(self, x, cos, sin, positions, bias) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, bias)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, pending, cos, sin, positions, bias) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on the residual stream x + pending, where `pending` is the previous block's output not yet
+        added (None at a segment's first block): each add of the stream runs inside the norm after it.
+        Returns the stream and this block's output, pending in turn."""
+        if pending is None:
+            normed = self.input_layernorm(x)
+        else:
+            x, normed = self.input_layernorm(x, pending)
+        x, normed = self.post_attention_layernorm(x, self.self_attn(normed, cos, sin, positions, bias))
+        return x, self.mlp(normed)
 
 
 class Transformer(nn.Module):
@@ -279,13 +294,14 @@ class Transformer(nn.Module):
         rope_cos, rope_sin = self.rope[segment.device]
         cos, sin = rope_cos[positions], rope_sin[positions]
         bias = None if causal else attention_bias(positions, cache_len)
+        pending = None
         for layer in self.layers[segment.layers.start:segment.layers.stop]:
-            x = layer(x, cos, sin, positions, bias)
+            x, pending = layer(x, pending, cos, sin, positions, bias)
         if index < len(self.segments) - 1:
-            return x
+            return x + pending
         if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()
+            x, pending = x[:, -1:], pending[:, -1:]
+        return self.lm_head(self.norm(x, pending)[1]).float()
 
 
 def attention_bias(positions: torch.Tensor, cache_len: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.cache import bifurcated_attention, grouped_attention
-from engine.model import apply_rope
+from engine.model import apply_rope, attention_bias
 
 fused = pytest.importorskip("engine.cuda.fused")
 pytestmark = pytest.mark.skipif(not fused.available(), reason="needs a CUDA GPU and Triton")
@@ -17,13 +17,38 @@ def relative_error(ours, reference):
     return ((ours.float() - reference.float()).norm() / reference.float().norm()).item()
 
 
+def norm_reference(x, weight):
+    xf = x.double()
+    return weight.double() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+
 @pytest.mark.parametrize("width", [576, 4096, 5120])
 def test_rms_norm(width):
     x = torch.randn(3, width, device=CUDA, dtype=torch.float16)
     weight = torch.rand(width, device=CUDA, dtype=torch.float16) + 0.5
-    xf = x.float()
-    reference = weight.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5))
-    assert relative_error(fused.rms_norm(x, weight, 1e-5), reference) < 2e-3
+    assert relative_error(fused.rms_norm(x, weight, 1e-5), norm_reference(x, weight)) < 2e-3
+
+
+@pytest.mark.parametrize("width", [576, 4096])
+def test_rms_norm_with_the_residual_add(width):
+    x, residual = (torch.randn(3, 1, width, device=CUDA, dtype=torch.float16) for _ in range(2))
+    weight = torch.rand(width, device=CUDA, dtype=torch.float16) + 0.5
+    total, y = fused.rms_norm(x, weight, 1e-5, residual)
+    assert torch.equal(total, x + residual)  # the stream is exactly what the eager add writes
+    assert relative_error(y, norm_reference(x + residual, weight)) < 2e-3
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_project(with_residual):
+    width, rank = 4096, 24
+    x, residual = (torch.randn(1, 1, width, device=CUDA, dtype=torch.float16) for _ in range(2))
+    weight = torch.rand(width, device=CUDA, dtype=torch.float16) + 0.5
+    a = torch.randn(rank, width, device=CUDA, dtype=torch.float16) * width**-0.5
+    total, y, h = fused.rms_norm_project(x, weight, 1e-5, a, residual if with_residual else None)
+    stream = x + residual if with_residual else x
+    assert (total is None) != with_residual and (total is None or torch.equal(total, stream))
+    assert relative_error(y, norm_reference(stream, weight)) < 2e-3
+    assert h.dtype == torch.float32 and relative_error(h, norm_reference(stream, weight) @ a.double().t()) < 2e-3
 
 
 @pytest.mark.parametrize("rows,width", [(1, 11008), (3, 1536), (5, 1000)])
@@ -109,6 +134,20 @@ def test_bifurcated_attention(samples, heads, kv_heads, dim):
     out = fused.bifurcated_attention(q, context_keys, context_values, torch.tensor([context_len], device=CUDA),
                                      max_context, own_keys, own_values, slot)
     assert relative_error(out, out_ref.squeeze(2)) < 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,start", [(9, 3, 0), (9, 3, 300), (32, 32, 0), (32, 32, 300), (32, 8, 300)])
+def test_prompt_attention_matches_the_cpu_reference(heads, kv_heads, start, dtype):
+    """A prompt chunk of 200 tokens at positions start.. over the cache: plain causal from position 0, masked
+    after that, with grouped heads either way."""
+    length, dim = 200, 64
+    q = torch.randn(1, heads, length, dim, dtype=dtype)
+    keys, values = (torch.randn(1, kv_heads, start + length, dim, dtype=dtype) for _ in range(2))
+    bias = None if start == 0 else attention_bias(torch.arange(start, start + length), start + length)
+    reference = grouped_attention(q.double(), keys.double(), values.double(), bias)
+    out = grouped_attention(q.to(CUDA), keys.to(CUDA), values.to(CUDA), None if bias is None else bias.to(CUDA))
+    assert relative_error(out.cpu(), reference) < 2e-3
 
 
 @pytest.mark.parametrize("rank,width", [(16, 4096), (48, 4096), (5, 11008), (3, 576)])

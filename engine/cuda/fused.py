@@ -42,11 +42,17 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def rms_norm_kernel(x_ptr, w_ptr, y_ptr, n, eps, BLOCK: tl.constexpr):
+    def rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, y_ptr, n, eps, ADD: tl.constexpr, BLOCK: tl.constexpr):
+        # Program row: y = RMSNorm(x), or with ADD, sum = x + r (rounded as the eager add rounds it) and
+        # y = RMSNorm(sum).
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
-        x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0)
+        if ADD:
+            x += tl.load(r_ptr + row * n + cols, mask=mask, other=0.0)
+            tl.store(sum_ptr + row * n + cols, x, mask=mask)
+        x = x.to(tl.float32)
         rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         tl.store(y_ptr + row * n + cols, (x * rstd).to(w.dtype) * w, mask=mask)
@@ -190,15 +196,21 @@ def _kernels():
         tl.store(out_ptr + (r // GROUP) * out_row_stride + head * DIM + d, (total / norm).to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def low_rank_project_kernel(x_ptr, w_ptr, a_ptr, y_ptr, h_ptr, n, eps, NORM: tl.constexpr, BLOCK: tl.constexpr):
-        # h = y @ a^T for one row, where y is x, or with NORM its RMSNorm. Program i computes output i of h
-        # from a single load of y and of a's row i, so that each program waits for memory once and the reads
-        # of a spread over many multiprocessors; with NORM, program 0 stores y instead and the others are
-        # shifted by one.
+    def low_rank_project_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, a_ptr, y_ptr, h_ptr, n, eps, NORM: tl.constexpr,
+                                ADD: tl.constexpr, BLOCK: tl.constexpr):
+        # h = y @ a^T for one row, where y is x, or with NORM its RMSNorm (with ADD, that of x + r). Program i
+        # computes output i of h from a single load of y and of a's row i, so that each program waits for
+        # memory once and the reads of a spread over many multiprocessors; with NORM, program 0 stores y
+        # (and with ADD the sum) instead and the others are shifted by one.
         i = tl.program_id(0) - NORM
         k = tl.arange(0, BLOCK)
         mask = k < n
-        y = tl.load(x_ptr + k, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(x_ptr + k, mask=mask, other=0.0)
+        if ADD:
+            y += tl.load(r_ptr + k, mask=mask, other=0.0)
+            if i < 0:
+                tl.store(sum_ptr + k, y, mask=mask)
+        y = y.to(tl.float32)
         if NORM:
             rstd = tl.rsqrt(tl.sum(y * y, axis=0) / n + eps)
             w = tl.load(w_ptr + k, mask=mask, other=0.0)
@@ -217,12 +229,16 @@ def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm of x; with `residual`, (x + residual, the RMSNorm of that) from one launch: the residual
+    stream's add and the norm that follows it."""
     kernel = _kernels()[0]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty_like(x2)
-    kernel[(x2.shape[0],)](x2, weight, y, x2.shape[1], eps, BLOCK=_next_pow2(x2.shape[1]))
-    return y.view(x.shape)
+    r2, total = (x2, x2) if residual is None else (residual.reshape(x2.shape).contiguous(), torch.empty_like(x2))
+    kernel[(x2.shape[0],)](x2, r2, total, weight, y, x2.shape[1], eps, ADD=residual is not None,
+                           BLOCK=_next_pow2(x2.shape[1]))
+    return y.view(x.shape) if residual is None else (total.view(x.shape), y.view(x.shape))
 
 
 def rope_and_store(q, k, v, cos, sin, slot, keys, values) -> None:
@@ -278,19 +294,24 @@ def low_rank_project(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def rms_norm_project(x: torch.Tensor, weight: torch.Tensor, eps: float, a: torch.Tensor):
-    """(y, y @ a^T) for y the RMSNorm of one row x [..., n], the product in float32, in one launch: a norm and
-    the first product of the LoRA updates of the layers that read its output."""
+def rms_norm_project(x: torch.Tensor, weight: torch.Tensor, eps: float, a: torch.Tensor,
+                     residual: torch.Tensor | None = None):
+    """(total, y, y @ a^T) for y the RMSNorm of one row x [..., n], or with `residual` of total = x + residual
+    (else total is None), the product in float32, in one launch: a norm and the first product of the LoRA
+    updates of the layers that read its output."""
     y, h = torch.empty_like(x), x.new_empty(*x.shape[:-1], a.shape[0], dtype=torch.float32)
-    _project(x, a, h, norm=(weight, eps, y))
-    return y, h
+    total = None if residual is None else torch.empty_like(x)
+    _project(x, a, h, norm=(weight, eps, y), residual=None if residual is None else (residual.contiguous(), total))
+    return total, y, h
 
 
-def _project(x, a, h, norm=None) -> None:
+def _project(x, a, h, norm=None, residual=None) -> None:
     rank, n = a.shape
+    x = x.contiguous()
     weight, eps, y = norm if norm is not None else (x, 0.0, x)  # x stands in for the pointers left unused
-    _kernels()[5][(rank + (norm is not None),)](x.contiguous(), weight, a, y, h, n, eps, NORM=norm is not None,
-                                                BLOCK=_next_pow2(n), num_warps=8)
+    r, total = residual if residual is not None else (x, x)
+    _kernels()[5][(rank + (norm is not None),)](x, r, total, weight, a, y, h, n, eps, NORM=norm is not None,
+                                                ADD=residual is not None, BLOCK=_next_pow2(n), num_warps=8)
 
 
 ATTENTION_BLOCK = 64
