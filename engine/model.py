@@ -49,7 +49,7 @@ class LinearStack(nn.Module):
     Stacking their weights turns several products into one, which on a GPU is one kernel launch instead of
     three (q, k and v) or two (gate and up). Layers whose weights cannot be stacked (a 4-bit and a dense one,
     or 4-bit ones with different group sizes or input orders) run one after another instead. A stack of one
-    layer is that layer; LoRA adapters target the layers of a stack by `names`.
+    layer is that layer; LoRA adapters find a layer's share of the output with `rows`.
     """
 
     def __init__(self, named_weights: dict[str, object]):
@@ -162,7 +162,8 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         # Where q, k and v sit in qkv_proj's output: the stack may be wrapped (by LoRA), so the sizes live here.
-        self.qkv_sizes = [size * config.head_dim for size in (config.num_heads, config.num_kv_heads, config.num_kv_heads)]
+        heads = (config.num_heads, config.num_kv_heads, config.num_kv_heads)
+        self.qkv_sizes = [count * config.head_dim for count in heads]
         self.cache: KVCache | None = None
 
     def forward(self, x, cos, sin, positions, bias) -> torch.Tensor:

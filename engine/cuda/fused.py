@@ -332,9 +332,9 @@ def decode_attention(q, keys, values, position, max_length: int) -> torch.Tensor
 
 def bifurcated_attention(q, context_keys, context_values, context_len, max_context: int,
                          own_keys, own_values, own_slot) -> torch.Tensor:
-    """Attention of n samples, one query each (q [n, q_heads, dim], heads contiguous), over the first context_len slots of a
-    context they share (keys / values [kv_heads, slots, dim]) and each sample's own slots 0..own_slot
-    (own keys / values [rows >= n, kv_heads, capacity, dim]). context_len and own_slot are one-element
+    """Attention of n samples, one query each (q [n, q_heads, dim], heads contiguous), over the first
+    context_len slots of a context they share (keys / values [kv_heads, slots, dim]) and each sample's own
+    slots 0..own_slot (own keys / values [rows >= n, kv_heads, capacity, dim]). context_len and own_slot are one-element
     tensors, so a captured graph follows them; max_context bounds context_len, as in decode_attention.
 
     Every sample's query rows of a KV head share one read of the context; the own slots, which are few,
