@@ -159,7 +159,7 @@ class LoraSiluMul(SiluMul):
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         reader = self.reader[0]
-        if not (reader.active and one_row_on_gpu(gate_up[..., :gate_up.shape[-1] // 2])):
+        if not (reader.active and one_row_on_gpu(gate_up)):
             return super().forward(gate_up)
         out, parts = fused.silu_mul_project(gate_up, reader.mixed)
         reader.hold(out, parts)
