@@ -14,7 +14,7 @@ import threading
 import time
 
 import engine
-from engine.__main__ import add_gpu_split_argument, lora_folder
+from engine.__main__ import add_gpu_split_argument, add_kv_cache_argument, lora_folder
 from webui import create_app
 from webui.accounts import Accounts
 from webui.errors import WebUIError
@@ -29,6 +29,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="model folder or file (default: the built-in small model)")
     parser.add_argument("--device", default=None, help="where the model runs, e.g. cpu or cuda:0 (default: cuda when available)")
     add_gpu_split_argument(parser)
+    add_kv_cache_argument(parser)
     parser.add_argument("--lora", type=lora_folder, action="append", default=[], metavar="[NAME=]DIR",
                         help="PEFT LoRA adapter folder that chats may choose, repeatable; "
                              "NAME defaults to the folder's name")
@@ -67,7 +68,8 @@ def add_user(sessions_dir: str, name: str) -> int:
     return 0
 
 
-def load_model_with_progress(name: str, device: str, gpu_split: str | None, lora: list[tuple[str, str]]):
+def load_model_with_progress(name: str, device: str, gpu_split: str | None, lora: list[tuple[str, str]],
+                             kv_cache: str = "full"):
     """Load the model, printing the time spent every few seconds: engine.load_model reports nothing
     until it is done, and a large model takes minutes."""
     where = f"GPUs split {gpu_split}" if gpu_split else device or engine.loader.default_device()
@@ -81,10 +83,11 @@ def load_model_with_progress(name: str, device: str, gpu_split: str | None, lora
 
     threading.Thread(target=report_elapsed, daemon=True).start()
     try:
-        model = engine.load_model(name, device=device, gpu_split=gpu_split, lora=lora)
+        model = engine.load_model(name, device=device, gpu_split=gpu_split, lora=lora, kv_cache=kv_cache)
     finally:
         done.set()
-    print(f"Loaded {model.name} in {time.monotonic() - started:.1f} s; context {model.max_seq_len} tokens.", flush=True)
+    print(f"Loaded {model.name} in {time.monotonic() - started:.1f} s; context {model.max_seq_len} tokens, "
+          f"{model.kv_cache} KV cache.", flush=True)
     if lora:
         print(f"LoRA adapters: {', '.join(model.adapters.folders)}", flush=True)
     return model
@@ -102,7 +105,7 @@ def serve(args: argparse.Namespace) -> int:
         print("--allow-register only makes sense with --auth.", file=sys.stderr)
         return 2
     try:
-        model = load_model_with_progress(args.model, args.device, args.gpu_split, args.lora)
+        model = load_model_with_progress(args.model, args.device, args.gpu_split, args.lora, args.kv_cache)
     except engine.ModelError as exc:
         print(exc, file=sys.stderr)
         return 1

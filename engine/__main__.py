@@ -31,6 +31,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-weight", type=lora_weight, action="append", default=[], metavar="NAME=W",
                         help="weight of the adapter NAME (default 1.0)")
     add_gpu_split_argument(parser)
+    add_kv_cache_argument(parser)
+
+
+def add_kv_cache_argument(parser: argparse.ArgumentParser) -> None:
+    from .cache import KV_CACHE_KINDS
+
+    parser.add_argument("--kv-cache", choices=list(KV_CACHE_KINDS), default="full",
+                        help="how keys and values are cached: full (the model's dtype), q8 (8 bits), k8v4 (8-bit "
+                             "keys, 4-bit values) or q4 (4 bits); fewer bits fit longer contexts and decode faster "
+                             "there, at some cost in accuracy (default: full)")
 
 
 def add_gpu_split_argument(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +74,7 @@ def load(args):
     from .loader import load_model
 
     return load_model(args.model, device=args.device, dtype=DTYPES.get(args.dtype), quantize=args.quantize,
-                      max_seq_len=args.max_seq_len, lora=args.lora, gpu_split=args.gpu_split)
+                      max_seq_len=args.max_seq_len, lora=args.lora, gpu_split=args.gpu_split, kv_cache=args.kv_cache)
 
 
 def run_generate(args) -> None:
@@ -113,7 +123,8 @@ def run_bench(args) -> None:
         if args.lora_rank:
             result = measure_lora_cost(args.synthetic, rank=args.lora_rank, group_size=args.group_size, runs=args.runs)
         else:
-            result = measure_synthetic(args.synthetic, group_size=args.group_size, runs=args.runs)
+            result = measure_synthetic(args.synthetic, group_size=args.group_size, runs=args.runs,
+                                       kv_cache=args.kv_cache)
     else:
         result = measure(load(args), prompt_len=args.prompt_len, new_tokens=args.new_tokens, runs=args.runs,
                          adapters=adapter_mix(args))
@@ -130,7 +141,8 @@ def samples_model(args):
         return load(args)
     from .synthetic import synthetic_model
 
-    return synthetic_model(args.synthetic, "cuda", group_size=args.group_size, max_seq_len=args.ctx)
+    return synthetic_model(args.synthetic, "cuda", group_size=args.group_size, max_seq_len=args.ctx,
+                           kv_cache=args.kv_cache)
 
 
 def sample_counts(spec: str) -> list[int]:

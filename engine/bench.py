@@ -44,6 +44,7 @@ def measure(loaded: LoadedModel, prompt_len: int = 128, new_tokens: int = 128, r
         "model": loaded.name,
         "device": str(loaded.device),
         "dtype": str(loaded.dtype).replace("torch.", ""),
+        "kv_cache": loaded.kv_cache,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "prompt_tok_s": round(statistics.median(prompt_rates), 2),
@@ -120,17 +121,20 @@ CONTEXTS = (128, 2048, 8192)
 PROMPT_LEN = 2048
 
 
-def measure_synthetic(name: str, group_size: int = 128, new_tokens: int = 64, runs: int = 3) -> dict:
-    """The issue-5 figures for one synthetic shape: 4-bit and fp16 models measured in the same run."""
+def measure_synthetic(name: str, group_size: int = 128, new_tokens: int = 64, runs: int = 3,
+                      kv_cache: str = "full") -> dict:
+    """The issue-5 figures for one synthetic shape: 4-bit and fp16 models measured in the same run. The 4-bit
+    model's KV cache is of kind `kv_cache`; the fp16 model, the baseline, always keeps a full one."""
     from .synthetic import synthetic_model
 
     device = torch.device("cuda")
     result = {"model": name, "gpu": torch.cuda.get_device_name(device), "group_size": group_size,
-              "copy_gbs": round(copy_bandwidth(device), 1)}
+              "kv_cache": kv_cache, "copy_gbs": round(copy_bandwidth(device), 1)}
     for label, bits in (("q4", 4), ("fp16", None)):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        loaded = synthetic_model(name, device, bits=bits, group_size=group_size, max_seq_len=max(CONTEXTS))
+        loaded = synthetic_model(name, device, bits=bits, group_size=group_size, max_seq_len=max(CONTEXTS),
+                                 kv_cache=kv_cache if bits == 4 else "full")
         generator = Generator(loaded)
         figures = {
             "bytes_per_token": weight_bytes_per_token(loaded),
@@ -146,22 +150,22 @@ def measure_synthetic(name: str, group_size: int = 128, new_tokens: int = 64, ru
         else:
             result["fp16"] = figures
         del generator, loaded
-    result["vram_gb_2048"] = peak_vram_gb(name, group_size, VRAM_GOAL_CONTEXT, new_tokens)
+    result["vram_gb_2048"] = peak_vram_gb(name, group_size, VRAM_GOAL_CONTEXT, new_tokens, kv_cache)
     return result
 
 
 VRAM_GOAL_CONTEXT = 2048  # the issue's VRAM goal is for a cache of this many tokens
 
 
-def peak_vram_gb(name: str, group_size: int, context: int, new_tokens: int) -> float:
-    """Peak GB allocated by a 4-bit synthetic model with a cache of `context` tokens, from loading it through a
-    prompt that fills the cache but for `new_tokens`, which it then decodes."""
+def peak_vram_gb(name: str, group_size: int, context: int, new_tokens: int, kv_cache: str = "full") -> float:
+    """Peak GB allocated by a 4-bit synthetic model with a `kv_cache` cache of `context` tokens, from loading it
+    through a prompt that fills the cache but for `new_tokens`, which it then decodes."""
     from .synthetic import synthetic_model
 
     device = torch.device("cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    loaded = synthetic_model(name, device, bits=4, group_size=group_size, max_seq_len=context)
+    loaded = synthetic_model(name, device, bits=4, group_size=group_size, max_seq_len=context, kv_cache=kv_cache)
     decode_rate(Generator(loaded), context - new_tokens, new_tokens, runs=1)
     return round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
 
@@ -281,9 +285,10 @@ def _replicated_step_seconds(loaded: LoadedModel, shared: int, samples: int, ste
     position = torch.full((1,), shared, dtype=torch.long, device=loaded.device)
     try:
         for layer, context in zip(model.layers, contexts):
-            cache = KVCache(config.num_kv_heads, config.head_dim, length, loaded.dtype, context.keys.device, samples)
-            cache.keys[:, :, :shared] = context.keys[:, :, :shared]
-            cache.values[:, :, :shared] = context.values[:, :, :shared]
+            cache = KVCache(config.num_kv_heads, config.head_dim, length, loaded.dtype, context.keys.data.device,
+                            samples)
+            cache.keys.data[:, :, :shared] = context.keys.read(shared)
+            cache.values.data[:, :, :shared] = context.values.read(shared)
             layer.self_attn.cache = cache
 
         def step():

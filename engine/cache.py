@@ -4,6 +4,12 @@ Positions are owned by the caller (the generator), which tracks which tokens the
 is just writing at an earlier position, since attention only reads slots at or before a query's position.
 Each cache decides how attention over it runs (`attend`): SharedPrefixCache lets n parallel samples read
 the context they share once per step.
+
+Keys and values may be held in fewer bits (`KV_CACHE_KINDS`): at long contexts the cache, not the weights,
+is most of what a decode step reads, and most of the memory. Each run of 32 entries of a head's vector keeps
+a float16 scale and minimum, entry = minimum + scale * q with q of 8 or 4 bits. Keys lose more to 4 bits
+than values do (a key error moves every softmax weight), hence "k8v4". Attention always sees the stored
+values, prompt and decode alike, so a prompt's tokens and the tokens generated after it see the same cache.
 """
 
 from __future__ import annotations
@@ -14,21 +20,107 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .cuda import fused
 
+# --kv-cache kind -> bits of keys and of values; None keeps the model's dtype.
+KV_CACHE_KINDS = {"full": (None, None), "q8": (8, 8), "k8v4": (8, 4), "q4": (4, 4)}
+QUANT_GROUP = 32  # entries per scale and minimum
+
+
+def check_kv_cache(kind: str, head_dim: int) -> None:
+    """Raise ValueError with what to do if a cache of `kind` cannot hold heads of `head_dim` entries."""
+    if kind not in KV_CACHE_KINDS:
+        raise ValueError(f"KV cache kind {kind!r} is not one of {', '.join(KV_CACHE_KINDS)}")
+    # Quantized groups never straddle the two rotary halves of a head, which the GPU kernels write apart.
+    if KV_CACHE_KINDS[kind] != (None, None) and head_dim % (2 * QUANT_GROUP):
+        raise ValueError(f"a quantized KV cache needs a head size that is a multiple of {2 * QUANT_GROUP}; "
+                         f"this model's is {head_dim}: use --kv-cache full")
+
+
+def cache_bytes_per_entry(bits: int | None, dtype_bytes: int) -> float:
+    """Bytes one cached key or value entry takes, its share of the group's scale and minimum included."""
+    return dtype_bytes if bits is None else bits / 8 + 4 / QUANT_GROUP
+
+
+def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(data uint8 [..., dim * bits / 8], scales float16 [..., dim / 32, 2]) for x [..., dim]: each group of 32
+    entries as q = round((x - minimum) / scale) in 0 .. 2^bits - 1, with (scale, minimum) per group. At 4 bits,
+    byte j holds entry j in its low nibble and entry j + dim / 2 in its high one, the two rotary halves."""
+    levels = (1 << bits) - 1
+    groups = x.float().unflatten(-1, (-1, QUANT_GROUP))
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale, minimum = ((high - low) / levels).half(), low.half()
+    # Rounded with the stored (float16) scale and minimum, so that dequantizing finds the nearest level.
+    steps = (groups - minimum.float()) / torch.where(scale > 0, scale, 1).float()
+    q = (steps + 0.5).floor().clamp(0, levels).to(torch.uint8).flatten(-2)
+    if bits == 4:
+        low_half, high_half = q.chunk(2, dim=-1)
+        q = low_half | (high_half << 4)
+    return q, torch.cat((scale, minimum), dim=-1)
+
+
+def dequantize(data: torch.Tensor, scales: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The entries that `quantize` stored, in dtype."""
+    if bits == 4:
+        data = torch.cat((data & 15, data >> 4), dim=-1)
+    groups = data.unflatten(-1, (-1, QUANT_GROUP)).float()
+    scale, minimum = scales.float().unbind(-1)
+    return (groups * scale.unsqueeze(-1) + minimum.unsqueeze(-1)).flatten(-2).to(dtype)
+
+
+class CacheTensor:
+    """The keys or the values of one layer's cache, [batch, kv_heads, slots, head_dim]: in the model's dtype
+    (`data` is that tensor), or with `bits` per entry (`data` the packed entries, `scales` their groups')."""
+
+    def __init__(self, shape: tuple[int, int, int, int], bits: int | None, dtype: torch.dtype, device):
+        batch, kv_heads, slots, head_dim = shape
+        self.bits, self.dtype = bits, dtype
+        if bits is None:
+            self.data, self.scales = torch.zeros(shape, dtype=dtype, device=device), None
+        else:
+            self.data = torch.zeros(batch, kv_heads, slots, head_dim * bits // 8, dtype=torch.uint8, device=device)
+            self.scales = torch.zeros(batch, kv_heads, slots, head_dim // QUANT_GROUP, 2, dtype=torch.float16,
+                                      device=device)
+
+    def write(self, x: torch.Tensor, positions: torch.Tensor) -> None:
+        """Store x [batch, kv_heads, length, head_dim] at `positions` of the slots."""
+        if self.bits is None:
+            self.data.index_copy_(2, positions, x)
+            return
+        data, scales = quantize(x.to(self.dtype), self.bits)  # rounded to the dtype first, as the GPU kernel does
+        self.data.index_copy_(2, positions, data)
+        self.scales.index_copy_(2, positions, scales)
+
+    def read(self, length: int) -> torch.Tensor:
+        """Slots 0 .. length - 1 in the model's dtype: a view, or a dequantized copy."""
+        if self.bits is None:
+            return self.data[:, :, :length]
+        return dequantize(self.data[:, :, :length], self.scales[:, :, :length], self.bits, self.dtype)
+
+    def kernel_args(self, row: int | None = None) -> tuple:
+        """(data, scales, bits) for the fused kernels, of one batch row or of all; scales stand in for
+        themselves as data when there are none, an unused pointer."""
+        data = self.data if row is None else self.data[row]
+        scales = data if self.scales is None else (self.scales if row is None else self.scales[row])
+        return data, scales, self.bits or 16
+
 
 class KVCache:
-    def __init__(self, kv_heads: int, head_dim: int, max_seq_len: int, dtype: torch.dtype, device, batch: int = 1):
+    def __init__(self, kv_heads: int, head_dim: int, max_seq_len: int, dtype: torch.dtype, device, batch: int = 1,
+                 kind: str = "full"):
+        check_kv_cache(kind, head_dim)
         shape = (batch, kv_heads, max_seq_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        key_bits, value_bits = KV_CACHE_KINDS[kind]
+        self.keys = CacheTensor(shape, key_bits, dtype, device)
+        self.values = CacheTensor(shape, value_bits, dtype, device)
+        self.kind, self.shape, self.dtype = kind, shape, dtype
         self.max_seq_len = max_seq_len
 
     def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cache_len: int):
         """Store k, v [batch, kv_heads, length, head_dim] at `positions`; return the first cache_len slots."""
         if cache_len > self.max_seq_len:
             raise ValueError(f"the KV cache holds {self.max_seq_len} positions; {cache_len} do not fit")
-        self.keys.index_copy_(2, positions, k)
-        self.values.index_copy_(2, positions, v)
-        return self.keys[:, :, :cache_len], self.values[:, :, :cache_len]
+        self.keys.write(k, positions)
+        self.values.write(v, positions)
+        return self.keys.read(cache_len), self.values.read(cache_len)
 
     def attend(self, q, k, v, positions: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Store this step's keys and values, then attend over the cache; other caches differ here. A bias of
@@ -38,13 +130,14 @@ class KVCache:
 
     def fuses(self, rows: int) -> bool:
         """Whether fused_attend serves a step of `rows` sequences: its kernels assume one."""
-        return rows == 1 == self.keys.shape[0]
+        return rows == 1 == self.shape[0]
 
     def fused_attend(self, q, k, v, cos, sin, positions: torch.Tensor, cache_len: int) -> torch.Tensor:
         """attend for one token on the GPU, q [1, heads, head_dim] and k, v [1, kv_heads, head_dim], in two
         fused kernels: RoPE with the cache write, then attention over slots 0..position (of at most cache_len)."""
-        fused.rope_and_store(q, k, v, cos, sin, positions, self.keys, self.values)
-        return fused.decode_attention(q[0], self.keys, self.values, positions, cache_len)
+        fused.rope_and_store(q, k, v, cos, sin, positions, self.keys.kernel_args(), self.values.kernel_args())
+        return fused.decode_attention(q[0], self.keys.kernel_args(0), self.values.kernel_args(0), positions,
+                                      cache_len)
 
 
 PROMPT_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
@@ -92,7 +185,8 @@ class SharedPrefixCache:
     The context stays where the prefill put it, in the model's ordinary KVCache (`context`), stored once.
     Each sample's own tokens go to its row of `keys` and `values` [rows, kv_heads, capacity, head_dim]:
     own slot i holds position context_len + i. A decode step therefore reads the context once for all
-    samples rather than once per sample, which is what lets n samples cost little more than one.
+    samples rather than once per sample, which is what lets n samples cost little more than one. The own
+    slots are few, so they stay in the model's dtype whatever kind the context's cache is.
 
     Masks and the step's own slot (`own_slot`, shared by every layer's cache and set by the decoder) live in
     tensors, and the number of slots a step reads is set from outside (`context_slots`, `own_slots`), so a
@@ -100,8 +194,8 @@ class SharedPrefixCache:
     """
 
     def __init__(self, context: KVCache, rows: int, capacity: int, own_slot: torch.Tensor):
-        _, kv_heads, max_seq_len, head_dim = context.keys.shape
-        dtype, device = context.keys.dtype, context.keys.device
+        _, kv_heads, max_seq_len, head_dim = context.shape
+        dtype, device = context.dtype, context.keys.data.device
         self.context = context
         self.keys = torch.zeros(rows, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
@@ -136,7 +230,7 @@ class SharedPrefixCache:
         values.index_copy_(2, self.own_slot, v)
         self.own_bias.index_fill_(0, self.own_slot, 0)
         context, own = self.context_slots, self.own_slots
-        return bifurcated_attention(q, self.context.keys[0, :, :context], self.context.values[0, :, :context],
+        return bifurcated_attention(q, self.context.keys.read(context)[0], self.context.values.read(context)[0],
                                     self.context_bias[:context], keys[:, :, :own], values[:, :, :own],
                                     self.own_bias[:own])
 
@@ -147,9 +241,10 @@ class SharedPrefixCache:
         """attend on the GPU in three fused kernels, q [rows, heads, head_dim] and k, v [rows, kv_heads,
         head_dim]: RoPE with the write of each row's own slot, the context's share of attention for every
         row from one read of it, and a merge that adds each row's own slots."""
-        fused.rope_and_store(q, k, v, cos, sin, self.own_slot, self.keys, self.values)
-        return fused.bifurcated_attention(q, self.context.keys[0], self.context.values[0], self.context_len,
-                                          self.context_slots, self.keys, self.values, self.own_slot)
+        fused.rope_and_store(q, k, v, cos, sin, self.own_slot, fused.unquantized(self.keys),
+                             fused.unquantized(self.values))
+        return fused.bifurcated_attention(q, self.context.keys.kernel_args(0), self.context.values.kernel_args(0),
+                                          self.context_len, self.context_slots, self.keys, self.values, self.own_slot)
 
 
 def bifurcated_attention(q, context_keys, context_values, context_bias, own_keys, own_values, own_bias):

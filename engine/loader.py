@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache import check_kv_cache
 from .config import ModelConfig
 from .errors import ModelError
 from .formats import Checkpoint
@@ -35,6 +36,7 @@ class LoadedModel:
     device: torch.device  # where the logits come out: the last GPU of a model split over several
     dtype: torch.dtype
     max_seq_len: int
+    kv_cache: str  # the KV cache's kind, one of cache.KV_CACHE_KINDS
     adapters: LoraSet = field(init=False)  # LoRA adapters loaded into `model`, and the mix applied now
 
     def __post_init__(self):
@@ -87,13 +89,15 @@ def default_device() -> torch.device:
 
 def load_model(path: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None = None,
                quantize: int | None = None, max_seq_len: int | None = None,
-               lora: Sequence[tuple[str, str]] = (), gpu_split: str | None = None) -> LoadedModel:
+               lora: Sequence[tuple[str, str]] = (), gpu_split: str | None = None,
+               kv_cache: str = "full") -> LoadedModel:
     """Load a model for inference, in float16 unless told otherwise (on the CPU too: decoding reads half the
     bytes of float32, and prompts run their products in a faster dtype, see quant.dense_matmul).
 
     `lora` names PEFT LoRA adapter folders to load as (name, folder); requests choose which to apply.
     `gpu_split` spreads the layers over the CUDA GPUs instead of using `device`: "auto", or GiB per GPU in
     order such as "17.2,24" (see engine.split); a model that does not fit is refused before any weight is read.
+    `kv_cache` is the KV cache's kind: "full" (the model's dtype) or a quantized one (cache.KV_CACHE_KINDS).
     """
     if quantize not in (None, 4):
         raise ModelError(f"--quantize {quantize} is not supported; only 4-bit quantization is")
@@ -106,7 +110,8 @@ def load_model(path: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None
 
         budgets = gpu_budgets(gpu_split)
         config, shapes = checkpoint_shapes(resolved, quantize)
-        footprint = Footprint.of(config, shapes, context_length(config, max_seq_len), (dtype or torch.float16).itemsize)
+        footprint = Footprint.of(config, shapes, context_length(config, max_seq_len), (dtype or torch.float16).itemsize,
+                                 kv_cache=kv_cache)
         placement = plan_split(footprint, budgets)
         log.info("--gpu-split %s: %s", gpu_split, placement.describe())
         # The model's device is where its logits come out, to be sampled or compared with targets there;
@@ -114,6 +119,10 @@ def load_model(path: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None
         device = placement.last_device
     dtype = dtype or torch.float16
     checkpoint = read_checkpoint(resolved)
+    try:
+        check_kv_cache(kv_cache, checkpoint.config.head_dim)
+    except ValueError as error:
+        raise ModelError(f"--kv-cache {kv_cache}: {error}") from None
     device_of = placement.device_of if placement else lambda name: device
     weights = {name: _place(name, w, device_of(name), dtype, quantize) for name, w in checkpoint.weights.items()}
     if placement and "lm_head.weight" not in weights:
@@ -125,9 +134,9 @@ def load_model(path: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None
         checkpoint.tokenizer_source, checkpoint.tokenizer_settings, checkpoint.config.bos_token_id,
         list(checkpoint.config.eos_token_ids))
     seq_len = context_length(checkpoint.config, max_seq_len)
-    model.setup_cache(seq_len, dtype)
+    model.setup_cache(seq_len, dtype, kv_cache)
     name = os.path.basename(resolved.rstrip("/"))
-    loaded = LoadedModel(name, resolved, checkpoint.config, model, tokenizer, device, dtype, seq_len)
+    loaded = LoadedModel(name, resolved, checkpoint.config, model, tokenizer, device, dtype, seq_len, kv_cache)
     for adapter_name, folder in lora:
         loaded.adapters.load(adapter_name, folder)
     return loaded

@@ -249,8 +249,9 @@ class Transformer(nn.Module):
         self.lm_head = DenseLinear(self.embed_tokens) if head is None else as_linear(head)
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
 
-    def setup_cache(self, max_seq_len: int, dtype: torch.dtype) -> None:
-        """Preallocate every layer's KV cache on that layer's device, and the rotary tables on every device.
+    def setup_cache(self, max_seq_len: int, dtype: torch.dtype, kv_cache: str = "full") -> None:
+        """Preallocate every layer's KV cache, of kind `kv_cache` (cache.KV_CACHE_KINDS), on that layer's device,
+        and the rotary tables on every device.
 
         Consecutive layers on one device form a segment; a model split over GPUs runs segment after segment,
         handing the hidden state on. The embedding sits with the first segment, the norm and head with the last.
@@ -258,7 +259,8 @@ class Transformer(nn.Module):
         devices = [layer.input_layernorm.weight.device for layer in self.layers]
         self.segments = segments_of(devices)
         for layer, device in zip(self.layers, devices):
-            layer.self_attn.cache = KVCache(self.config.num_kv_heads, self.config.head_dim, max_seq_len, dtype, device)
+            layer.self_attn.cache = KVCache(self.config.num_kv_heads, self.config.head_dim, max_seq_len, dtype, device,
+                                            kind=kv_cache)
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), self.inv_freq.cpu())
         angles = torch.cat((angles, angles), dim=-1)
         # Computed once on the CPU, so every device gets the very same tables.

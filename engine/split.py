@@ -8,7 +8,8 @@ only, so long contexts run out of memory), a share covers everything the model w
 
     weights   every tensor in the form it takes on the GPU (`device_bytes`); a 4-bit layer in the CUDA
               kernels' padded layout, the rest dense in the activation dtype (b bytes)
-    cache     2 (keys, values) x kv_heads x head_dim x C x b per layer, C = the max sequence length
+    cache     2 (keys, values) x kv_heads x head_dim x C x b per layer, C = the max sequence length; a
+              quantized cache (--kv-cache) takes bits / 8 + 4 / 32 bytes an entry instead of b
     buffers   the larger of two workspaces, which never coexist:
                 prefill  one chunk of T tokens (the generator's 2048 on a GPU, or C if shorter) attending over
                          C slots:
@@ -17,6 +18,8 @@ only, so long contexts run out of memory), a share covers everything the model w
                          + 3 x T x intermediate x b + 8 x T x hidden x b   MLP and residual activations
                          + 2 x out x in of the largest 4-bit stack         its fp16 copy for the cuBLAS path
                          + 10 x T x vocab on the last GPU                  fp16 logits, fp32 logits, log-softmax
+                         + 2 x kv_heads x head_dim x C x b, quantized      a layer's cache read back for the
+                                                                           prompt's attention
                 load     9 x 4096 x max(hidden, intermediate)              repacking the largest 4-bit stack for
                          + 1 byte a weight of that stack                   the kernels, 4096 outputs at a time
               A stack is the layers that run as one (q, k and v; gate and up: engine.model.STACKS).
@@ -40,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache import KV_CACHE_KINDS, cache_bytes_per_entry
 from .config import ModelConfig
 from .cuda.q4 import REPACK_OUTPUTS, SLICE_N, TILE_K
 from .errors import ModelError
@@ -112,7 +116,7 @@ class Footprint:
 
     @classmethod
     def of(cls, config: ModelConfig, shapes: dict[str, WeightShape], max_seq_len: int,
-           dtype_bytes: int = 2, prefill_tokens: int = PREFILL_CHUNK["cuda"]) -> Footprint:
+           dtype_bytes: int = 2, prefill_tokens: int = PREFILL_CHUNK["cuda"], kv_cache: str = "full") -> Footprint:
         layers = [0] * config.num_layers
         for name, weight in shapes.items():
             index = layer_index(name)
@@ -121,8 +125,12 @@ class Footprint:
         largest_q4 = largest_q4_stack(shapes, config.num_layers)
         tied = HEAD not in shapes
         t, b = min(prefill_tokens, max_seq_len), dtype_bytes
+        layer_slots = config.num_kv_heads * config.head_dim * max_seq_len
+        entry_bytes = sum(cache_bytes_per_entry(bits, b) for bits in KV_CACHE_KINDS[kv_cache])  # a key and a value
         prefill = (6 * t * max_seq_len + 3 * t * config.intermediate_size * b
                    + 8 * t * config.hidden_size * b + 2 * largest_q4)
+        if kv_cache != "full":
+            prefill += 2 * layer_slots * b
         widest_part = REPACK_OUTPUTS * max(config.hidden_size, config.intermediate_size)
         load = REPACK_BYTES_PER_WEIGHT * min(largest_q4, widest_part) + largest_q4
         fixed = (2 * 6 * max_seq_len + GRAPH_POOL_SLACK
@@ -130,7 +138,7 @@ class Footprint:
         logits = 10 * t * config.vocab_size
         return cls(
             layers=tuple(layers),
-            layer_cache=2 * config.num_kv_heads * config.head_dim * max_seq_len * b,
+            layer_cache=math.ceil(layer_slots * entry_bytes),
             embedding=device_bytes(shapes[EMBEDDING], b),
             norm=device_bytes(shapes[NORM], b),
             head=device_bytes(shapes[EMBEDDING if tied else HEAD], b),

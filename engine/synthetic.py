@@ -68,8 +68,9 @@ def _random_dense(out_features: int, in_features: int, device, generator) -> tor
 
 
 def synthetic_model(name: str, device="cuda", bits: int | None = 4, group_size: int = 128,
-                    max_seq_len: int = 8192, gpu_split: str | None = None) -> LoadedModel:
-    """A model of shape `name` with random weights: 4-bit linear layers, or float16 with bits=None.
+                    max_seq_len: int = 8192, gpu_split: str | None = None, kv_cache: str = "full") -> LoadedModel:
+    """A model of shape `name` with random weights: 4-bit linear layers, or float16 with bits=None, and a KV
+    cache of kind `kv_cache`.
 
     `gpu_split` spreads the layers over the CUDA GPUs instead of using `device`, as load_model's does.
     """
@@ -77,7 +78,7 @@ def synthetic_model(name: str, device="cuda", bits: int | None = 4, group_size: 
     shapes = weight_shapes(config, bits, group_size)
     placement = None
     if gpu_split is not None:
-        placement = plan_split(Footprint.of(config, shapes, max_seq_len), gpu_budgets(gpu_split))
+        placement = plan_split(Footprint.of(config, shapes, max_seq_len, kv_cache=kv_cache), gpu_budgets(gpu_split))
     # Every weight is drawn from one generator on one device, so a split model has the very same weights.
     drawn_on = placement.first_device if placement else torch.device(device)
     generator = torch.Generator(device=drawn_on).manual_seed(0)
@@ -92,8 +93,8 @@ def synthetic_model(name: str, device="cuda", bits: int | None = 4, group_size: 
         weights[weight_name] = tensor.to(placement.device_of(weight_name)) if placement else tensor
     model = Transformer(config, weights).eval()
     prepare_linears(model, drawn_on, torch.float16)
-    model.setup_cache(max_seq_len, torch.float16)
+    model.setup_cache(max_seq_len, torch.float16, kv_cache)
     label = f"{name} {'4-bit g' + str(group_size) if bits == 4 else 'fp16'}"
     # As load_model's: the device of a split model is the last GPU, where the logits come out.
     device = placement.last_device if placement else drawn_on
-    return LoadedModel(label, "synthetic", config, model, None, device, torch.float16, max_seq_len)
+    return LoadedModel(label, "synthetic", config, model, None, device, torch.float16, max_seq_len, kv_cache)

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.cache import bifurcated_attention, grouped_attention
+from engine.cache import (KV_CACHE_KINDS, QUANT_GROUP, CacheTensor, KVCache, bifurcated_attention,
+                          grouped_attention)
 from engine.model import apply_rope, attention_bias
 
 fused = pytest.importorskip("engine.cuda.fused")
@@ -70,69 +71,97 @@ def test_silu_mul_project(rank, width):
     assert relative_error(parts.sum(0), out.double() @ a.double().t()) < 2e-3
 
 
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 32, 128), (32, 8, 128)])
-def test_rope_and_store_then_attention(heads, kv_heads, dim):
-    max_seq, position = 1024, 700
-    keys = torch.randn(1, kv_heads, max_seq, dim, device=CUDA, dtype=torch.float16)
-    values = torch.randn_like(keys)
-    q, k, v = (torch.randn(n, dim, device=CUDA, dtype=torch.float16) for n in (heads, kv_heads, kv_heads))
+def rotary_row(dim):
     angles = torch.rand(1, dim // 2, device=CUDA) * 6.28
-    cos, sin = torch.cat((angles, angles), -1).cos().half(), torch.cat((angles, angles), -1).sin().half()
+    return torch.cat((angles, angles), -1).cos().half(), torch.cat((angles, angles), -1).sin().half()
 
-    # Reference: rotate, write the cache, attend over slots 0..position.
+
+def filled_cache(kv_heads, dim, slots, length, kind, batch=1):
+    """A cache of `kind` on the GPU whose first `length` slots hold random keys and values, written by the
+    eager path, and whose other slots hold NaN (or bytes that decode to NaN): a kernel must not read them."""
+    cache = KVCache(kv_heads, dim, slots, torch.float16, CUDA, batch=batch, kind=kind)
+    for part in (cache.keys, cache.values):
+        part.data.fill_(float("nan") if part.scales is None else 0)
+        if part.scales is not None:
+            part.scales.fill_(float("nan"))
+    history = torch.randn(2, batch, kv_heads, length, dim, device=CUDA, dtype=torch.float16)
+    cache.write(history[0], history[1], torch.arange(length, device=CUDA), length)
+    return cache
+
+
+def assert_stored_as_the_eager_path_stores(part, slot, x):
+    """The kernel's stored entries x [kv_heads, dim] at `slot` of one row's cache. Quantized: against the eager
+    path's quantizing of the same rounded x, the same levels but for rare one-level ties (the kernel's rotation
+    may round differently in the last bit)."""
+    ours = part.read(slot + 1)[0, :, slot].float()
+    if part.bits is None:
+        assert relative_error(ours, x) < 2e-3
+        return
+    reference = CacheTensor((1, x.shape[0], 1, x.shape[1]), part.bits, torch.float16, CUDA)
+    reference.write(x.half()[None, :, None], torch.zeros(1, dtype=torch.long, device=CUDA))
+    expected = reference.read(1)[0, :, 0].float()
+    level = reference.scales[0, :, 0, :, 0].float().repeat_interleave(QUANT_GROUP, -1)
+    off = (ours - expected).abs() > 1e-3 * expected.abs().max()
+    assert off.float().mean() < 0.01 and ((ours - expected).abs() <= level * 1.01 + 1e-3)[off].all()
+
+
+@pytest.mark.parametrize("kind", list(KV_CACHE_KINDS))
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 32, 128), (32, 8, 128)])
+def test_rope_and_store_then_attention(heads, kv_heads, dim, kind):
+    """One token's rotation and cache write, then its attention over slots 0..position, against the float32
+    PyTorch reference over what the cache holds; a quantized cache's entries against the eager quantizing."""
+    max_seq, position = 1024, 700
+    cache = filled_cache(kv_heads, dim, max_seq, position, kind)
+    q, k, v = (torch.randn(n, dim, device=CUDA, dtype=torch.float16) for n in (heads, kv_heads, kv_heads))
+    cos, sin = rotary_row(dim)
     q_ref = apply_rope(q.float(), cos.float(), sin.float())
     k_ref = apply_rope(k.float(), cos.float(), sin.float())
-    keys_ref, values_ref = keys.clone().float(), values.clone().float()
-    keys_ref[0, :, position], values_ref[0, :, position] = k_ref, v.float()
-    out_ref = grouped_attention(q_ref.view(1, heads, 1, dim), keys_ref[:, :, : position + 1],
-                                values_ref[:, :, : position + 1], torch.zeros(1, position + 1, device=CUDA))
 
     pos = torch.tensor([position], device=CUDA)
-    # Poison the slots past the position: the kernel must not read them.
-    keys[:, :, position + 1:] = float("nan")
-    values[:, :, position + 1:] = float("nan")
-    fused.rope_and_store(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cos, sin, pos, keys, values)
+    fused.rope_and_store(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cos, sin, pos, cache.keys.kernel_args(),
+                         cache.values.kernel_args())
     assert relative_error(q, q_ref) < 2e-3
-    assert relative_error(keys[0, :, position], k_ref) < 2e-3
+    assert_stored_as_the_eager_path_stores(cache.keys, position, k_ref)
+    assert_stored_as_the_eager_path_stores(cache.values, position, v.float())
+    out_ref = grouped_attention(q_ref.view(1, heads, 1, dim), cache.keys.read(position + 1).float(),
+                                cache.values.read(position + 1).float(), torch.zeros(1, position + 1, device=CUDA))
     for bucket in (position + 1, max_seq):
-        out = fused.decode_attention(q, keys, values, pos, bucket)
+        out = fused.decode_attention(q, cache.keys.kernel_args(0), cache.values.kernel_args(0), pos, bucket)
         assert relative_error(out.view(1, heads, 1, dim), out_ref) < 2e-3
 
 
+@pytest.mark.parametrize("kind", ["full", "k8v4", "q4"])
 @pytest.mark.parametrize("samples,heads,kv_heads,dim", [(1, 32, 32, 128), (16, 32, 32, 128), (100, 32, 8, 128),
                                                         (3, 9, 3, 64)])
-def test_bifurcated_attention(samples, heads, kv_heads, dim):
-    """n samples' rotation and own-slot write, then attention over the shared context plus their own slots,
-    against the float32 PyTorch reference; slots past either length hold NaN, which must not be read."""
+def test_bifurcated_attention(samples, heads, kv_heads, dim, kind):
+    """n samples' rotation and own-slot write, then attention over the shared context (a cache of `kind`) plus
+    their own slots, against the float32 PyTorch reference; slots past either length hold NaN, which must not
+    be read."""
     context_len, max_context, own_slot, capacity = 3000, 4096, 37, 64
-    context_keys = torch.randn(kv_heads, max_context, dim, device=CUDA, dtype=torch.float16)
-    context_values = torch.randn_like(context_keys)
+    context = filled_cache(kv_heads, dim, max_context, context_len, kind)
     own_keys = torch.randn(samples + 2, kv_heads, capacity, dim, device=CUDA, dtype=torch.float16)
     own_values = torch.randn_like(own_keys)
     # q, k and v are views into one stacked row per sample, as the model's q, k, v stack writes them.
     qkv = torch.randn(samples, (heads + 2 * kv_heads) * dim, device=CUDA, dtype=torch.float16)
     q, k, v = (t.unflatten(-1, (-1, dim)) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1))
-    angles = torch.rand(1, dim // 2, device=CUDA) * 6.28
-    cos, sin = torch.cat((angles, angles), -1).cos().half(), torch.cat((angles, angles), -1).sin().half()
+    cos, sin = rotary_row(dim)
 
     q_ref = apply_rope(q.float(), cos.float(), sin.float())
     k_ref = apply_rope(k.float(), cos.float(), sin.float())
     own_keys_ref, own_values_ref = own_keys[:samples].float(), own_values[:samples].float()
     own_keys_ref[:, :, own_slot], own_values_ref[:, :, own_slot] = k_ref, v.float()
     bias = lambda length, size: torch.where(torch.arange(size, device=CUDA) < length, 0.0, float("-inf"))
-    out_ref = bifurcated_attention(q_ref.unsqueeze(2), context_keys.float(), context_values.float(),
-                                   bias(context_len, max_context), own_keys_ref, own_values_ref,
-                                   bias(own_slot + 1, capacity))
+    out_ref = bifurcated_attention(q_ref.unsqueeze(2), context.keys.read(context_len)[0].float(),
+                                   context.values.read(context_len)[0].float(), bias(context_len, context_len),
+                                   own_keys_ref, own_values_ref, bias(own_slot + 1, capacity))
 
-    context_keys[:, context_len:] = float("nan")
-    context_values[:, context_len:] = float("nan")
     own_keys[:, :, own_slot:] = float("nan")
     own_values[:, :, own_slot:] = float("nan")
     slot = torch.tensor([own_slot], device=CUDA)
-    fused.rope_and_store(q, k, v, cos, sin, slot, own_keys, own_values)
+    fused.rope_and_store(q, k, v, cos, sin, slot, fused.unquantized(own_keys), fused.unquantized(own_values))
     assert relative_error(own_keys[:samples, :, own_slot], k_ref) < 2e-3
-    out = fused.bifurcated_attention(q, context_keys, context_values, torch.tensor([context_len], device=CUDA),
-                                     max_context, own_keys, own_values, slot)
+    out = fused.bifurcated_attention(q, context.keys.kernel_args(0), context.values.kernel_args(0),
+                                     torch.tensor([context_len], device=CUDA), max_context, own_keys, own_values, slot)
     assert relative_error(out, out_ref.squeeze(2)) < 2e-3
 
 

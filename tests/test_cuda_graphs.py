@@ -32,6 +32,15 @@ def test_graphed_decode_matches_eager(cuda_model):
     assert len(graphed_generator.graphs.graphs) == 2
 
 
+@pytest.mark.parametrize("kind", ["q8", "q4"])
+def test_graphed_decode_matches_eager_over_a_quantized_cache(kind):
+    import engine
+
+    model = engine.load_model("default", device="cuda", dtype=torch.float16, kv_cache=kind)
+    ids = model.tokenizer.encode("Tell me about the sea. " * 60)[: SMALLEST_BUCKET - 10]
+    assert greedy(Generator(model), ids, 40) == greedy(Generator(model, use_graphs=False), ids, 40)
+
+
 def test_graphed_sampling_is_reproducible_with_a_seed(cuda_model):
     ids = cuda_model.tokenizer.encode("Once upon a time")
     settings = SamplingSettings(temperature=0.9, top_p=0.9, seed=7)

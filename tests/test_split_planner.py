@@ -10,7 +10,7 @@ import torch
 import engine.loader
 from engine import split
 from engine.__main__ import main
-from engine.cache import KVCache
+from engine.cache import KV_CACHE_KINDS, KVCache
 from engine.config import ModelConfig
 from engine.cuda.q4 import repack
 from engine.errors import ModelError
@@ -117,11 +117,22 @@ def test_quantize_plans_what_the_loader_makes(tmp_path):
 # ---- memory accounting --------------------------------------------------------------------------------
 
 
-def test_cache_bytes_are_what_the_kv_cache_allocates():
+@pytest.mark.parametrize("kind", KV_CACHE_KINDS)
+def test_cache_bytes_are_what_the_kv_cache_allocates(kind):
     config = synthetic_config("llama3-8b")
-    footprint = Footprint.of(config, weight_shapes(config), 1024)
-    cache = KVCache(config.num_kv_heads, config.head_dim, 1024, torch.float16, "cpu")
-    assert footprint.layer_cache == cache.keys.nbytes + cache.values.nbytes
+    footprint = Footprint.of(config, weight_shapes(config), 1024, kv_cache=kind)
+    cache = KVCache(config.num_kv_heads, config.head_dim, 1024, torch.float16, "cpu", kind=kind)
+    tensors = [t for part in (cache.keys, cache.values) for t in (part.data, part.scales) if t is not None]
+    assert footprint.layer_cache == sum(t.nbytes for t in tensors)
+
+
+def test_a_quantized_cache_plans_the_prompts_read_back_copy():
+    """The prompt's attention reads a layer's quantized cache back in the model's dtype, a temporary."""
+    config = synthetic_config("llama3-8b")
+    full = Footprint.of(config, weight_shapes(config), 4096)
+    q4 = Footprint.of(config, weight_shapes(config), 4096, kv_cache="q4")
+    assert q4.last_buffers - full.last_buffers == 2 * config.num_kv_heads * config.head_dim * 4096 * 2
+    assert q4.layer_cache < full.layer_cache / 3
 
 
 def test_buffers_follow_the_documented_formula():

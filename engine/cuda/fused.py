@@ -58,13 +58,78 @@ def _kernels():
         tl.store(y_ptr + row * n + cols, (x * rstd).to(w.dtype) * w, mask=mask)
 
     @triton.jit
-    def rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, keys_ptr, values_ptr,
-                          q_heads, q_row_stride, kv_row_stride, keys_row_stride, max_seq, HALF: tl.constexpr):
+    def quantize_groups(x, scales_ptr, BITS: tl.constexpr, HALF: tl.constexpr):
+        # x [HALF] (float32) as levels 0 .. 2^BITS - 1, 32 entries a group, storing each group's (scale, minimum)
+        # at scales_ptr: what cache.quantize computes, with the same float16 rounding and IEEE division.
+        groups = tl.reshape(x, (HALF // 32, 32))
+        low = tl.min(groups, axis=1)
+        high = tl.max(groups, axis=1)
+        levels = tl.zeros_like(low) + ((1 << BITS) - 1)
+        scale = tl.math.div_rn(high - low, levels).to(tl.float16)
+        minimum = low.to(tl.float16)
+        g = tl.arange(0, HALF // 32)
+        tl.store(scales_ptr + 2 * g, scale)
+        tl.store(scales_ptr + 2 * g + 1, minimum)
+        divisor = tl.where(scale > 0, scale.to(tl.float32), 1.0)
+        steps = tl.math.div_rn(groups - minimum.to(tl.float32)[:, None], divisor[:, None])
+        q = tl.minimum(tl.maximum(tl.floor(steps + 0.5), 0.0), levels[:, None])
+        return tl.reshape(q.to(tl.int32), (HALF,))
+
+    @triton.jit
+    def store_head(data_ptr, scales_ptr, slot, a, b, BITS: tl.constexpr, HALF: tl.constexpr):
+        # Store one head's vector, halves a and b [HALF] (float32, rounded to the cache's dtype), at cache slot
+        # `slot` (counted over all heads and rows), in the layout of cache.CacheTensor: as it is with BITS 16,
+        # else quantized, its groups' scales and minimums beside it.
+        i = tl.arange(0, HALF)
+        if BITS == 16:
+            target = data_ptr + slot * 2 * HALF
+            tl.store(target + i, a.to(data_ptr.dtype.element_ty))
+            tl.store(target + HALF + i, b.to(data_ptr.dtype.element_ty))
+        else:
+            scales = scales_ptr + slot * 2 * (2 * HALF // 32)
+            qa = quantize_groups(a, scales, BITS, HALF)
+            qb = quantize_groups(b, scales + 2 * (HALF // 32), BITS, HALF)
+            if BITS == 8:
+                tl.store(data_ptr + slot * 2 * HALF + i, qa.to(tl.uint8))
+                tl.store(data_ptr + slot * 2 * HALF + HALF + i, qb.to(tl.uint8))
+            else:  # 4 bits: byte j holds entry j and, in its high nibble, entry HALF + j
+                tl.store(data_ptr + slot * HALF + i, (qa | (qb << 4)).to(tl.uint8))
+
+    @triton.jit
+    def load_vectors(data_ptr, scales_ptr, slots, valid, BITS: tl.constexpr, DIM: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        # The cached vectors [BLOCK, DIM] at `slots` (counted over all heads), zero where not valid: as stored
+        # with BITS 16, else dequantized to float32. A quantized tile is read as [slot, group, entry], so that
+        # each group's scale and minimum are one load per slot, broadcast over its 32 entries.
+        if BITS == 16:
+            d = tl.arange(0, DIM)
+            return tl.load(data_ptr + slots[:, None] * DIM + d[None, :], mask=valid[:, None], other=0.0)
+        else:
+            g = tl.arange(0, DIM // 32)
+            j = tl.arange(0, 32)
+            if BITS == 8:
+                entries = data_ptr + slots[:, None, None] * DIM + g[None, :, None] * 32 + j[None, None, :]
+                q = tl.load(entries, mask=valid[:, None, None], other=0)
+            else:  # groups of the first half in the low nibbles of a vector's bytes, of the second in the high
+                half_groups = DIM // 64
+                entries = (data_ptr + slots[:, None, None] * (DIM // 2) + (g % half_groups)[None, :, None] * 32
+                           + j[None, None, :])
+                packed = tl.load(entries, mask=valid[:, None, None], other=0)
+                q = (packed >> (4 * (g // half_groups)).to(tl.uint8)[None, :, None]) & 15
+            groups = scales_ptr + (slots[:, None] * (DIM // 32) + g[None, :]) * 2
+            scale = tl.load(groups, mask=valid[:, None], other=0.0).to(tl.float32)
+            minimum = tl.load(groups + 1, mask=valid[:, None], other=0.0).to(tl.float32)
+            return tl.reshape(q.to(tl.float32) * scale[:, :, None] + minimum[:, :, None], (BLOCK, DIM))
+
+    @triton.jit
+    def rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, keys_ptr, key_scales_ptr, values_ptr,
+                          value_scales_ptr, q_heads, q_row_stride, kv_row_stride, row_slots, max_seq,
+                          HALF: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr):
         # Program (row, head) of one position: rotate q in place; rotate k and store it with v in that
-        # row's cache at the slot held in slot_ptr. q, k and v may be views into one row of q, k and v.
+        # row's cache at the slot held in slot_ptr (row_slots: a row's slots over all its heads). q, k and v
+        # may be views into one row of q, k and v.
         row = tl.program_id(0)
         head = tl.program_id(1)
-        slot = tl.load(slot_ptr)
         i = tl.arange(0, HALF)
         cos = tl.load(cos_ptr + i).to(tl.float32)  # the position's row: both halves hold the same angles
         sin = tl.load(sin_ptr + i).to(tl.float32)
@@ -77,13 +142,14 @@ def _kernels():
         else:
             h = head - q_heads
             source = row * kv_row_stride + h * 2 * HALF
+            slot = row * row_slots + h * max_seq + tl.load(slot_ptr)
             a = tl.load(k_ptr + source + i).to(tl.float32)
             b = tl.load(k_ptr + source + HALF + i).to(tl.float32)
-            target = row * keys_row_stride + (h * max_seq + slot) * 2 * HALF
-            tl.store(keys_ptr + target + i, (a * cos - b * sin).to(keys_ptr.dtype.element_ty))
-            tl.store(keys_ptr + target + HALF + i, (b * cos + a * sin).to(keys_ptr.dtype.element_ty))
-            tl.store(values_ptr + target + i, tl.load(v_ptr + source + i))
-            tl.store(values_ptr + target + HALF + i, tl.load(v_ptr + source + HALF + i))
+            dtype = k_ptr.dtype.element_ty  # rounded as the eager path's keys are, before any quantizing
+            store_head(keys_ptr, key_scales_ptr, slot, (a * cos - b * sin).to(dtype).to(tl.float32),
+                       (b * cos + a * sin).to(dtype).to(tl.float32), KEY_BITS, HALF)
+            store_head(values_ptr, value_scales_ptr, slot, tl.load(v_ptr + source + i).to(tl.float32),
+                       tl.load(v_ptr + source + HALF + i).to(tl.float32), VALUE_BITS, HALF)
 
     @triton.jit
     def silu_mul_kernel(gate_up_ptr, out_ptr, a_ptr, part_ptr, n, rank, PROJECT: tl.constexpr,
@@ -106,9 +172,10 @@ def _kernels():
             tl.store(part_ptr + p * rank + r, partial, mask=r < rank)
 
     @triton.jit
-    def attention_parts_kernel(q_ptr, keys_ptr, values_ptr, length_ptr, length_bias, part_out_ptr, part_max_ptr,
-                               part_sum_ptr, rows, q_row_stride, max_seq, scale, splits,
-                               GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr):
+    def attention_parts_kernel(q_ptr, keys_ptr, key_scales_ptr, values_ptr, value_scales_ptr, length_ptr,
+                               length_bias, part_out_ptr, part_max_ptr, part_sum_ptr, rows, q_row_stride, max_seq,
+                               scale, splits, GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
+                               BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr):
         # Program (kv head, split, row block): the split's share of cache slots 0 .. length - 1 (length =
         # *length_ptr + length_bias) for ROWS query rows of that KV head, with an online softmax; the
         # merge kernel combines the parts. Query row r is head (kv head * GROUP + r % GROUP) of sample
@@ -128,15 +195,15 @@ def _kernels():
         for block_start in range(start, tl.minimum(start + per_split, length), BLOCK):
             n = block_start + tl.arange(0, BLOCK)
             valid = n < length
-            offsets = (kv_head * max_seq + n[:, None]) * DIM + d[None, :]
-            k = tl.load(keys_ptr + offsets, mask=valid[:, None], other=0.0)
+            slots = kv_head * max_seq + n
+            k = load_vectors(keys_ptr, key_scales_ptr, slots, valid, KEY_BITS, DIM, BLOCK).to(q.dtype)
             scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
             scores = tl.where(valid[None, :], scores, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scores, axis=1))
             correction = tl.exp(running_max - new_max)
             p = tl.exp(scores - new_max[:, None])
             running_sum = running_sum * correction + tl.sum(p, axis=1)
-            v = tl.load(values_ptr + offsets, mask=valid[:, None], other=0.0)
+            v = load_vectors(values_ptr, value_scales_ptr, slots, valid, VALUE_BITS, DIM, BLOCK).to(q.dtype)
             acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
             running_max = new_max
         part = (kv_head * splits + split) * rows + r
@@ -241,18 +308,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return y.view(x.shape) if residual is None else (total.view(x.shape), y.view(x.shape))
 
 
+def unquantized(tensor: torch.Tensor) -> tuple:
+    """A cache tensor in the model's dtype as the kernels take caches: (data, scales, bits), see
+    cache.CacheTensor.kernel_args."""
+    return tensor, tensor, 16
+
+
 def rope_and_store(q, k, v, cos, sin, slot, keys, values) -> None:
     """For one position of each of `rows` sequences: rotate q [rows, q_heads, dim] in place; rotate k and store
     it and v [rows, kv_heads, dim] at `slot` (a one-element tensor) of each row's cache, keys / values
-    [rows, kv_heads, slots, dim]. cos and sin are the position's rows of the rotary tables. Rows may lie
-    apart (views into stacked q, k and v); heads must be contiguous within a row."""
+    (data [rows, kv_heads, slots, ...], scales, bits) as cache.CacheTensor.kernel_args gives them. cos and sin
+    are the position's rows of the rotary tables. Rows may lie apart (views into stacked q, k and v); heads
+    must be contiguous within a row."""
     kernel = _kernels()[1]
     rows, q_heads, dim = q.shape
     kv_heads = k.shape[1]
     if k.stride() != v.stride() or q.stride()[1:] != (dim, 1) or k.stride()[1:] != (dim, 1):
         raise ValueError("rope_and_store needs rows of contiguous heads, and k and v laid out alike")
-    kernel[(rows, q_heads + kv_heads)](q, k, v, cos, sin, slot, keys, values, q_heads, q.stride(0), k.stride(0),
-                                       keys[0].numel(), keys.shape[2], HALF=dim // 2)
+    (keys, key_scales, key_bits), (values, value_scales, value_bits) = keys, values
+    _, cache_heads, slots = keys.shape[:3]
+    kernel[(rows, q_heads + kv_heads)](q, k, v, cos, sin, slot, keys, key_scales, values, value_scales, q_heads,
+                                       q.stride(0), k.stride(0), cache_heads * slots, slots, HALF=dim // 2,
+                                       KEY_BITS=key_bits, VALUE_BITS=value_bits)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -320,22 +397,24 @@ MAX_ROWS_PER_PROGRAM = 64
 
 def decode_attention(q, keys, values, position, max_length: int) -> torch.Tensor:
     """Attention of one token's q [q_heads, dim] (heads contiguous) over cache slots 0..position (a one-element
-    tensor) of keys / values [1, kv_heads, slots, dim].
+    tensor) of keys / values, each (data [kv_heads, slots, ...], scales, bits) as cache.CacheTensor.kernel_args
+    gives them for one row.
 
     `max_length` bounds the position (the graph bucket): it sets how many splits share the work, so
     that long contexts spread over the whole GPU while short ones stay one block per KV head.
     """
     out = q.new_empty(q.shape)
-    _attention(q.unsqueeze(0), keys[0], values[0], position, 1, max_length, out.unsqueeze(0))
+    _attention(q.unsqueeze(0), keys, values, position, 1, max_length, out.unsqueeze(0))
     return out
 
 
 def bifurcated_attention(q, context_keys, context_values, context_len, max_context: int,
                          own_keys, own_values, own_slot) -> torch.Tensor:
     """Attention of n samples, one query each (q [n, q_heads, dim], heads contiguous), over the first
-    context_len slots of a context they share (keys / values [kv_heads, slots, dim]) and each sample's own
-    slots 0..own_slot (own keys / values [rows >= n, kv_heads, capacity, dim]). context_len and own_slot are one-element
-    tensors, so a captured graph follows them; max_context bounds context_len, as in decode_attention.
+    context_len slots of a context they share (keys / values as decode_attention takes them) and each sample's
+    own slots 0..own_slot (own keys / values [rows >= n, kv_heads, capacity, dim], in q's dtype). context_len
+    and own_slot are one-element tensors, so a captured graph follows them; max_context bounds context_len, as
+    in decode_attention.
 
     Every sample's query rows of a KV head share one read of the context; the own slots, which are few,
     are folded in by the merge, which then divides by one softmax total over both.
@@ -347,10 +426,11 @@ def bifurcated_attention(q, context_keys, context_values, context_len, max_conte
 
 
 def _attention(q, keys, values, length, length_bias: int, max_length: int, out, own=None) -> None:
-    """Attention of q [n, q_heads, dim] over slots 0..length + length_bias - 1 of keys / values [kv_heads,
-    slots, dim] into out [n, q_heads, dim] (contiguous); with `own`, each sample also attends over its own cache.
-    q's rows may lie apart, as views into stacked q, k and v do."""
+    """Attention of q [n, q_heads, dim] over slots 0..length + length_bias - 1 of keys / values (data [kv_heads,
+    slots, ...], scales, bits) into out [n, q_heads, dim] (contiguous); with `own`, each sample also attends over
+    its own cache. q's rows may lie apart, as views into stacked q, k and v do."""
     parts_kernel, merge_kernel = _kernels()[3:5]
+    (keys, key_scales, key_bits), (values, value_scales, value_bits) = keys, values
     samples, q_heads, dim = q.shape
     kv_heads, max_seq = keys.shape[0], keys.shape[1]
     group = q_heads // kv_heads
@@ -365,8 +445,9 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
     scale = dim**-0.5
     q_row_stride = q.stride(0)
     parts_kernel[(kv_heads, splits, row_blocks)](
-        q, keys, values, length, length_bias, part_out, part_max, part_sum, rows, q_row_stride, max_seq, scale,
-        splits, GROUP=group, ROWS=rows_per_program, DIM=dim, BLOCK=ATTENTION_BLOCK)
+        q, keys, key_scales, values, value_scales, length, length_bias, part_out, part_max, part_sum, rows,
+        q_row_stride, max_seq, scale, splits, GROUP=group, ROWS=rows_per_program, DIM=dim, BLOCK=ATTENTION_BLOCK,
+        KEY_BITS=key_bits, VALUE_BITS=value_bits)
     own_keys, own_values, own_slot, own_row_stride, own_capacity = own if own is not None else (q, q, length, 0, 0)
     merge_kernel[(kv_heads, rows)](
         part_out, part_max, part_sum, out, rows, q_row_stride, q_heads * dim, splits, q, own_keys, own_values, own_slot,
