@@ -10,7 +10,7 @@ def test_index_serves_the_chat_page(client):
 def test_model_info_names_the_loaded_model(model_client, default_model):
     info = model_client.get("/api/model").get_json()
     assert info == {"name": default_model.name, "context": default_model.max_seq_len,
-                    "device": str(default_model.device), "adapters": []}
+                    "device": str(default_model.device), "kv_cache": "full", "adapters": []}
 
 
 def test_model_info_without_a_model_is_a_clear_refusal(client):

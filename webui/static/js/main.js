@@ -93,14 +93,14 @@ $('#logout-button').addEventListener('click', async () => {
   loggedOut();
 });
 
-/** The model's name and context, from GET /api/model ({name, context, device}); hidden where the server
+/** The model's name and context, from GET /api/model ({name, context, device, kv_cache}); hidden where the server
  *  has no such route. */
 async function showModelInfo() {
   const chip = $('#model-info');
   try {
     const model = await get('/api/model');
     chip.textContent = `${model.name} · ${model.context} ctx`;
-    chip.title = `Model ${model.name} on ${model.device}, context ${model.context} tokens`;
+    chip.title = `Model ${model.name} on ${model.device}, context ${model.context} tokens, ${model.kv_cache} KV cache`;
     chip.hidden = false;
   } catch {
     chip.hidden = true; // a server without the model route: nothing to show
