@@ -1,7 +1,9 @@
 """What the browser tests need besides the browser: the chat server as a real process (app.py on a free
-loopback port, running the default model on CPU), and a few calls to its HTTP API for setting up."""
+loopback port, running the default model on CPU), a few calls to its HTTP API for setting up, and a hold on
+the Socket.IO events on their way to the page."""
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -87,3 +89,70 @@ def api(page, method: str, path: str, body=None) -> dict:
     data = response.json()
     assert response.ok, f"{method} {path} -> {response.status}: {data}"
     return data
+
+
+class HeldEvents:
+    """The server's Socket.IO messages to one page pass through here (Playwright's WebSocket routing), and a test
+    can hold them back from a chosen event on: the page then stays in the moment between two events for as long
+    as the test needs, where it would otherwise last a few milliseconds. Route before the page first connects."""
+
+    EVENT = re.compile(r'^42\["([^"]+)"')  # a Socket.IO event of the default namespace: 42["name",{...}]
+
+    def __init__(self, page):
+        self.page = page
+        self.to_page = None  # the page's end of the latest connection
+        self.upgraded = False  # the connection moved from HTTP polling to the WebSocket, where it can be held
+        self.hold_from = None  # an event name: the first such event and every message after it wait
+        self.holding = False
+        self.held: list[str] = []
+        page.route_web_socket(re.compile(r"/socket\.io/"), self._route)
+
+    def hold(self, event: str) -> None:
+        self.hold_from = event
+
+    def release(self, hold_from: str | None = None) -> None:
+        """Let the held messages through, in order; with `hold_from`, hold again from that event on."""
+        waiting, self.held, self.holding = self.held, [], False
+        self.hold_from = hold_from
+        for message in waiting:
+            self._from_server(message)
+
+    def held_events(self) -> list[str]:
+        return [match.group(1) for match in map(self._event, self.held) if match]
+
+    def wait(self, condition, what: str, seconds: float = 45) -> None:
+        """Until `condition()` holds; Playwright passes messages on only while the test waits in one of its calls."""
+        deadline = time.monotonic() + seconds
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"waited {seconds:.0f} s in vain for {what}; held: {self.held_events()}")
+            self.page.wait_for_timeout(20)
+
+    def wait_upgraded(self) -> None:
+        self.wait(lambda: self.upgraded, "the Socket.IO connection to move to its WebSocket")
+
+    def wait_held(self, event: str) -> None:
+        self.wait(lambda: event in self.held_events(), f"a held {event!r} event")
+
+    def _route(self, to_page) -> None:
+        to_server = to_page.connect_to_server()
+        self.to_page = to_page
+        to_page.on_message(lambda message: self._from_page(to_server, message))
+        to_server.on_message(self._from_server)
+
+    def _from_page(self, to_server, message) -> None:
+        if message == "5":  # Engine.IO's upgrade packet: from now on everything goes over this WebSocket
+            self.upgraded = True
+        to_server.send(message)
+
+    def _from_server(self, message) -> None:
+        event = self._event(message)
+        if not self.holding and event and event.group(1) == self.hold_from:
+            self.holding = True
+        if self.holding:
+            self.held.append(message)
+        else:
+            self.to_page.send(message)
+
+    def _event(self, message):
+        return self.EVENT.match(message) if isinstance(message, str) else None

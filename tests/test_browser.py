@@ -14,7 +14,7 @@ pytest.importorskip("playwright.sync_api")
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
 
 from adapters import default_model_config, write_adapter  # noqa: E402
-from browser_helpers import ServerProcess, api  # noqa: E402
+from browser_helpers import HeldEvents, ServerProcess, api  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -678,6 +678,62 @@ def test_several_swipes_at_once_stream_side_by_side(tab, chat_server):
         expect(bot.locator(".swipe-count")).to_have_text(f"{number}/4")
         assert squash(bot.locator(".body").inner_text()) == swipes[number - 1]
     assert get_session(tab, session["id"])["messages"][1]["chosen"] == 0
+
+
+def test_a_flip_is_never_lost_around_a_jobs_events(tab, chat_server):
+    """The moments between a job's events last a few milliseconds; holding the server's events back here makes
+    each last as long as the test needs. A flip in any of them is shown at once and kept, or, if the server
+    refuses it, the user is told."""
+    events = HeldEvents(tab)
+    template = create_session(tab, chat_server, settings=PARALLEL)
+    doc = api(tab, "POST", "/api/sessions/import",
+              doc_with_messages(template, ["Tell me about the sea.", "The sea is deep."]))["session"]
+    open_chat(tab, chat_server, doc["id"])
+    events.wait_upgraded()
+    watch_notices(tab)
+    bot = message(tab, 1)
+    count = bot.locator(".swipe-count")
+    next_one = bot.get_by_role("button", name="Next alternative", exact=True)
+    write_three = bot.get_by_role("button", name="Write 3 alternatives at once", exact=True)
+
+    # The three new swipes are shown, empty, before they start streaming: the next one can be flipped to already.
+    events.hold("generation_started")
+    write_three.click()
+    expect(count).to_have_text("2/4")
+    next_one.click(timeout=5_000)
+    expect(count).to_have_text("3/4")
+
+    # A press on Next that the job's last events arrive in the middle of (each of them redraws the message)
+    # is a click all the same.
+    events.release(hold_from="generation_finished")
+    events.wait_held("job_finished")
+    expect(bot).to_have_class(re.compile(r"\blive\b"))
+    box = next_one.bounding_box()
+    tab.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    tab.mouse.down()
+    events.release()
+    expect(tab.locator('[data-action="stop"]')).to_be_hidden()
+    assert next_one.bounding_box() == box, "the button moved away from under the pointer"
+    tab.mouse.up()
+    expect(count).to_have_text("4/4")
+    events.wait(lambda: get_session(tab, doc["id"])["messages"][1]["chosen"] == 3, "the last swipe to be chosen")
+    assert tab.evaluate("window.noticesSeen") == []
+
+    # A flip made while a job runs goes to the server when the job ends; a refusal then is told, not swallowed.
+    # Here the chat was renamed elsewhere just before, so the flip was based on an old revision.
+    events.hold("generation_finished")
+    write_three.click()
+    events.wait_held("job_finished")
+    expect(count).to_have_text("5/7")
+    next_one.click()
+    expect(count).to_have_text("6/7")
+    api(tab, "PATCH", f"/api/sessions/{doc['id']}",
+        {"revision": get_session(tab, doc["id"])["revision"], "title": "Renamed elsewhere"})
+    events.release()
+    expect(notice(tab, "changed in another tab")).to_be_visible()
+    expect(count).to_have_text("5/7")
+    expect(tab.locator("#chat-title")).to_have_text("Renamed elsewhere")
+    assert get_session(tab, doc["id"])["messages"][1]["chosen"] == 4
 
 
 def test_stop_continue_and_auto_scroll(tab, chat_server):

@@ -70,6 +70,12 @@ def test_regenerate_with_a_count_streams_and_saves_every_swipe(open_chat, model_
 
     reply = stored(model_client, doc["id"])["messages"][1]
     assert len(reply["swipes"]) == 4 and reply["chosen"] == 1
+    # The message the job writes is known from its first event on. The saved session comes right after the
+    # swipes are announced finished, so that a client knows which removed swipes it lacks when it arrives.
+    assert ack["message_id"] == socket.received("queue_position", since)[0]["message_id"] == reply["id"]
+    assert [name for name, _ in socket.events[since:] if name != "token"][-5:] == [
+        "generation_finished", "generation_finished", "generation_finished", "session_updated", "job_finished"]
+    assert socket.received("session_updated", since)[-1]["revision"] == done[0]["revision"]
     for index, d in zip([1, 2, 3], done):
         saved = reply["swipes"][index]
         assert saved["text"] == texts[index].rstrip() and saved["tokens"] == d["tokens"] > 0
@@ -95,6 +101,7 @@ def test_swipes_are_saved_and_shown_to_a_new_tab_while_they_stream(open_chat, mo
     second_tab.emit("join", {"session_id": doc["id"]})
     job = second_tab.wait_for("snapshot")["job"]
     message = second_tab.received("snapshot")[0]["session"]["messages"][1]
+    assert job["message_id"] == "reply"
     assert [entry["swipe"] for entry in job["reply"]["swipes"]] == [1, 2]
     so_far = {entry["swipe"]: message["swipes"][entry["swipe"]]["text"] for entry in job["reply"]["swipes"]}
     assert all(len(so_far[entry["swipe"]]) == entry["length"] > 0 for entry in job["reply"]["swipes"])

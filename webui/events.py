@@ -176,7 +176,8 @@ def _rework_last_reply(user, data, kind: str, count: int = 1) -> dict:
 
 def _queue(worker, job: Job) -> dict:
     ahead = worker.submit(job)
-    return {"session_id": job.session_id, "revision": job.revision, "job_id": job.id, "ahead": ahead}
+    return {"session_id": job.session_id, "revision": job.revision, "job_id": job.id, "ahead": ahead,
+            "message_id": job.message_id}
 
 
 def _require_worker():

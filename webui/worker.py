@@ -39,7 +39,7 @@ class Job:
     kind: str  # "reply" | "round" | "regenerate" | "continue"
     revision: int  # the session's revision as last seen by this job; sent along with every event
     speaker: str | None = None  # "reply": the bot that answers
-    message_id: str | None = None  # "regenerate" / "continue": the reply they work on
+    message_id: str | None = None  # "regenerate" / "continue": the reply they work on, told from the first event on
     count: int = 1  # "regenerate": how many alternatives to write at once
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -260,9 +260,7 @@ class GenerationWorker:
             elif continued is None:  # an empty reply (stopped at once, or the model had nothing to say) is dropped
                 del stored["messages"][index]
 
-        doc = self._save(job, finish, final=True)
-        self._announce_finished(live, [result], [bool(text.strip())])
-        return doc
+        return self._save_finished(live, finish, [result], [bool(text.strip())])
 
     def _write_swipes(self, job, parallel, doc, target) -> None:
         """Stream job.count new alternatives of `target`, the last reply, all at once from one prompt."""
@@ -292,8 +290,7 @@ class GenerationWorker:
                     del message["swipes"][swipe]
             message["chosen"] = first if any(kept) else earlier_choice
 
-        self._save(job, finish, final=True)
-        self._announce_finished(live, stream.results, kept)
+        self._save_finished(live, finish, stream.results, kept)
 
     def _go_live(self, job, doc, message_id, swipes, author) -> LiveReply:
         """Show the swipes about to stream to clients, and to anyone who joins while they do."""
@@ -313,15 +310,6 @@ class GenerationWorker:
             if time.monotonic() - last_checkpoint >= self._checkpoint_seconds:
                 self._checkpoint(live)
                 last_checkpoint = time.monotonic()
-
-    def _announce_finished(self, live: LiveReply, results, kept: list[bool]) -> None:
-        with self._lock:
-            self._live = None
-            for swipe, result, keep in zip(live.swipes, results, kept):
-                self._tell(live.job, "generation_finished", message_id=live.message_id, swipe=swipe, kept=keep,
-                           stop_reason=result.stop_reason, tokens=len(result.token_ids),
-                           tokens_per_second=round(result.tokens_per_second, 2), prompt_tokens=result.prompt_tokens,
-                           reused_tokens=result.reused_tokens)
 
     def _adapters(self, doc, speaker) -> dict[str, float] | None:
         """The adapter mix `speaker` talks with: its own adapter, else the session's default, else none
@@ -359,11 +347,36 @@ class GenerationWorker:
 
     # --- saving ------------------------------------------------------------------------------------
 
-    def _save(self, job: Job, change, final: bool = False) -> dict:
-        """Save a change as the next revision and show it to the session's room. A final save that fails
-        for lack of space is kept and tried again, and the session stays busy until it lands."""
+    def _save(self, job: Job, change) -> dict:
+        """Save a change as the next revision and show it to the session's room."""
+        doc = self._write(job, change)
+        with self._lock:
+            job.revision = doc["revision"]
+            broadcast_session(job.user, doc)
+        return doc
+
+    def _save_finished(self, live: LiveReply, change, results, kept: list[bool]) -> dict:
+        """The reply's final save. Its swipes are announced finished just before the saved session goes out:
+        a client learns which empty swipes the save removed before it gets the session without them, so that
+        it can tell which swipe its user is reading in either."""
+        job = live.job
+        doc = self._write(job, change, final=True)
+        with self._lock:
+            job.revision = doc["revision"]
+            self._live = None
+            for swipe, result, keep in zip(live.swipes, results, kept):
+                self._tell(job, "generation_finished", message_id=live.message_id, swipe=swipe, kept=keep,
+                           stop_reason=result.stop_reason, tokens=len(result.token_ids),
+                           tokens_per_second=round(result.tokens_per_second, 2), prompt_tokens=result.prompt_tokens,
+                           reused_tokens=result.reused_tokens)
+            broadcast_session(job.user, doc)
+        return doc
+
+    def _write(self, job: Job, change, final: bool = False) -> dict:
+        """Store a change as the next revision. A final save that fails for lack of space is kept and tried
+        again, and the session stays busy until it lands."""
         try:
-            doc = self._store.update(job.user, job.session_id, None, change)
+            return self._store.update(job.user, job.session_id, None, change)
         except WebUIError as exc:
             if final and exc.code in ("disk_full", "storage"):
                 with self._lock:
@@ -371,10 +384,6 @@ class GenerationWorker:
                 kept = " The reply is kept in memory and saved once that is fixed."
                 raise WebUIError(exc.code, exc.message + kept) from exc
             raise
-        with self._lock:
-            job.revision = doc["revision"]
-            broadcast_session(job.user, doc)
-        return doc
 
     def _checkpoint(self, live: LiveReply) -> None:
         texts = {swipe: live.entry(swipe)["text"] for swipe in live.swipes}
@@ -414,7 +423,7 @@ class GenerationWorker:
 
     def _announce_queue(self) -> None:
         for job in self._queue:
-            self._tell(job, "queue_position", ahead=self._ahead(job))
+            self._tell(job, "queue_position", ahead=self._ahead(job), message_id=job.message_id)
 
     def _state(self, key) -> dict | None:
         live = self._live if self._live is not None and self._live.job.key == key else None
@@ -430,6 +439,7 @@ class GenerationWorker:
                 "job_id": job.id,
                 "state": "running" if job is self._running else "queued",
                 "ahead": 0 if job is self._running else self._ahead(job),
+                "message_id": live.message_id if live is not None else job.message_id,
                 "reply": reply,
             },
             "doc": live.doc if live is not None else None,

@@ -6,8 +6,10 @@
 //   "job"     the job, its queue position or the streaming target changed
 //   "stats"   a reply finished (this.lastReply)
 //   "closed"  {reason}: the session went away ("deleted") or was closed by the page
+//   "refused" {error}: the server refused the swipe the user picked while a job wrote its message
 // A regenerate with a count streams several swipes of one message at once. The server takes no choice of
-// swipe while they stream, so flipping between them is held here (`peek`) and asked for when the job ends.
+// swipe while a job runs, so flipping through the swipes of the message it writes (or is about to) is held
+// here (`peek`) and asked for when the job ends.
 
 export class ChatSession {
   constructor(connection) {
@@ -35,10 +37,13 @@ export class ChatSession {
   reset(id) {
     this.id = id;
     this.doc = null;
-    this.job = null; // {job_id, state: "queued" | "running", ahead}
+    // {job_id, state: "queued" | "running", ahead, message_id}: message_id is the message the job writes, once
+    // known (a regenerate's or continue's from the start, a new reply's when it starts streaming)
+    this.job = null;
     this.live = null; // {message_id, swipes: Set of swipe indices, author}: the reply streaming now
-    this.peek = null; // {message_id, swipe}: the streaming swipe the user flipped to, shown instead of `chosen`
-    this.removed = []; // indices of swipes this job removed for being empty: later indices move down
+    this.peek = null; // {message_id, swipe}: the swipe flipped to on the job's message, shown instead of `chosen`
+    this.removed = []; // {message_id, swipe, revision}: empty swipes the job's final save removes, until `doc` has it
+    this.settling = null; // the id of the message whose peek is on its way to the server as its choice
     this.lastReply = null; // the statistics of the last reply finished while watching
   }
 
@@ -81,12 +86,27 @@ export class ChatSession {
     if (!doc || doc.id !== this.id) return;
     if (this.doc && doc.revision < this.doc.revision) return;
     this.doc = doc;
+    this.followRemovals();
     this.emit('doc');
+  }
+
+  /** The peek keeps to its swipe once `doc` is the saved session without the job's empty swipes: the server
+   *  announces them (generation_finished) just before it sends that session. Later swipes move down; a peek
+   *  on a removed one goes, and the swipe the server chose is shown. */
+  followRemovals() {
+    const done = this.removed.filter((removal) => removal.revision <= this.doc.revision);
+    if (!done.length) return;
+    this.removed = this.removed.filter((removal) => !done.includes(removal));
+    const peek = this.peek;
+    if (!peek) return;
+    const gone = done.filter((removal) => removal.message_id === peek.message_id).map((removal) => removal.swipe);
+    const earlier = gone.filter((swipe) => swipe < peek.swipe).length;
+    this.peek = gone.includes(peek.swipe) ? null : { message_id: peek.message_id, swipe: peek.swipe - earlier };
   }
 
   onSnapshot({ session, job }) {
     this.doc = session;
-    this.job = job ? { job_id: job.job_id, state: job.state, ahead: job.ahead } : null;
+    this.job = job ? { job_id: job.job_id, state: job.state, ahead: job.ahead, message_id: job.message_id } : null;
     this.peek = null;
     this.removed = [];
     const reply = job && job.reply;
@@ -105,14 +125,14 @@ export class ChatSession {
     this.emit('closed', { reason: 'deleted', id });
   }
 
-  onQueuePosition({ job_id, ahead }) {
+  onQueuePosition({ job_id, ahead, message_id }) {
     if (this.finishedJobs.has(job_id)) return;
-    this.job = { job_id, state: 'queued', ahead };
+    this.job = { job_id, state: 'queued', ahead, message_id };
     this.emit('job');
   }
 
   onGenerationStarted({ job_id, message_id, swipe, author, text }) {
-    this.job = { job_id, state: 'running', ahead: 0 };
+    this.job = { job_id, state: 'running', ahead: 0, message_id };
     // The swipes of one regenerate start one after another on the same message and stream side by side.
     if (this.live && this.live.message_id === message_id) this.live.swipes.add(swipe);
     else this.live = { message_id, swipes: new Set([swipe]), author };
@@ -136,7 +156,9 @@ export class ChatSession {
 
   onGenerationFinished(data) {
     this.lastReply = data;
-    if (data.kept === false) this.removed.push(data.swipe);
+    if (data.kept === false) {
+      this.removed.push({ message_id: data.message_id, swipe: data.swipe, revision: data.revision });
+    }
     if (this.live && this.live.message_id === data.message_id) this.live.swipes.delete(data.swipe);
     if (this.live && !this.live.swipes.size) this.live = null;
     this.emit('stats');
@@ -146,37 +168,47 @@ export class ChatSession {
   onJobFinished({ job_id }) {
     this.finishedJobs.add(job_id);
     if (this.job && this.job.job_id === job_id) {
-      const peek = this.settledPeek();
       this.job = null;
       this.live = null;
-      this.peek = peek;
       this.removed = [];
       this.emit('job');
-      // The swipe the user was reading as the job ended stays shown, now as the session's choice; until the
-      // server has it the peek holds it on screen.
-      if (peek) this.chooseSwipe(peek.message_id, peek.swipe).catch(() => {}).finally(() => this.dropPeek(peek));
+      if (this.peek) this.settle();
     }
   }
 
-  dropPeek(peek) {
-    if (this.peek !== peek) return;
-    this.peek = null;
-    this.emit('doc');
-  }
-
-  /** The peeked swipe under its index after the job's empty swipes were removed; null if it went too. */
-  settledPeek() {
-    const peek = this.peek;
-    if (!peek || this.removed.includes(peek.swipe)) return null;
-    const swipe = peek.swipe - this.removed.filter((index) => index < peek.swipe).length;
-    const message = this.message(peek.message_id);
-    return message && swipe < message.swipes.length && swipe !== message.chosen ? { message_id: peek.message_id, swipe } : null;
+  /** The swipe the user was reading as the job ended stays shown, now as the session's choice: the peek holds
+   *  it on screen until the server has it. Flips meanwhile are held too, and the last one is sent after it.
+   *  A refusal is told ("refused") and the session's own choice is shown again. */
+  async settle() {
+    const id = this.id;
+    let peek = this.peek;
+    this.settling = peek.message_id;
+    try {
+      // A new job (asked for meanwhile) takes the peek over, to settle when it ends.
+      while (peek && this.job === null) {
+        const message = this.message(peek.message_id);
+        if (!message || peek.swipe >= message.swipes.length || peek.swipe === message.chosen) break;
+        // The session_updated of the change arrives before its acknowledgement, so `doc` has it after this.
+        await this.change('choose_swipe', { message_id: peek.message_id, swipe: peek.swipe });
+        peek = this.peek; // none once another chat was opened meanwhile
+      }
+    } catch (error) {
+      if (this.id === id) this.emit('refused', { error });
+    } finally {
+      if (this.id === id) {
+        this.settling = null;
+        if (this.job === null && this.peek) {
+          this.peek = null;
+          this.emit('doc');
+        }
+      }
+    }
   }
 
   /** A job we asked for: its acknowledgement can arrive after the job's first events, or even its end. */
-  noteQueued({ job_id, ahead }) {
+  noteQueued({ job_id, ahead, message_id }) {
     if (this.finishedJobs.has(job_id) || (this.job && this.job.job_id === job_id)) return;
-    this.job = { job_id, state: ahead > 0 ? 'queued' : 'running', ahead };
+    this.job = { job_id, state: ahead > 0 ? 'queued' : 'running', ahead, message_id };
     this.emit('job');
   }
 
@@ -189,7 +221,7 @@ export class ChatSession {
     return message ? message.swipes[swipe] : undefined;
   }
 
-  /** The index of the swipe shown for `message`: the one the user flipped to while it streams, else `chosen`. */
+  /** The index of the swipe shown for `message`: the one the user flipped to while a job writes it, else `chosen`. */
   shownSwipe(message) {
     const peek = this.peek;
     return peek && peek.message_id === message.id && peek.swipe < message.swipes.length ? peek.swipe : message.chosen;
@@ -197,6 +229,12 @@ export class ChatSession {
 
   shownText(message) {
     return message.swipes[this.shownSwipe(message)].text;
+  }
+
+  /** Whether a choice of swipe on this message is held here for now: the session's job writes it (or is about
+   *  to) and the server takes no change until the job ends, or the choice is on its way to the server. */
+  holdsChoice(messageId) {
+    return (this.job !== null && this.job.message_id === messageId) || this.settling === messageId;
   }
 
   /** Whether swipe `swipe` of this message is being written now. */
@@ -233,9 +271,9 @@ export class ChatSession {
     return this.connection.request('stop', { session_id: this.id });
   }
 
-  /** Shows another swipe: only here while the message streams (the server is busy), else for good. */
+  /** Shows another swipe: only here while the choice is held (see holdsChoice), else for good. */
   chooseSwipe(messageId, swipe) {
-    if (this.live && this.live.message_id === messageId) {
+    if (this.holdsChoice(messageId)) {
       this.peek = { message_id: messageId, swipe };
       this.emit('doc');
       return Promise.resolve();

@@ -21,10 +21,10 @@ export class ChatView {
     this.list = $('#message-list');
     this.jump = $('#jump-latest');
     this.elements = new Map(); // message id -> {element, signature}
-    this.editing = null; // {messageId, revision, originalText, textarea}
+    this.editing = null; // {messageId, revision, originalText, textarea, editor}: the editor stands in for the body
     this.stick = true;
     this.pendingStream = new Set();
-    this.atOnce = DEFAULT_AT_ONCE; // kept here: the message's controls are rebuilt whenever it changes
+    this.atOnce = DEFAULT_AT_ONCE; // kept here: a message's controls are rebuilt when it becomes the last reply
 
     this.scroller.addEventListener('scroll', () => {
       this.stick = this.atBottom();
@@ -35,6 +35,9 @@ export class ChatView {
     session.on('job', () => this.render());
     session.on('stream', ({ message_id }) => this.queueStream(message_id));
     session.on('closed', () => this.render());
+    session.on('refused', ({ error }) => {
+      notify(`The alternative you picked was not kept: ${error.message}`, { code: error.code });
+    });
   }
 
   atBottom() {
@@ -80,100 +83,165 @@ export class ChatView {
     this.keepPinned();
   }
 
+  /** A message's element is made once and then updated in place, never replaced: a button swapped for a new
+   *  one while the user presses it swallows the click (the browser sends it nowhere), and one that had the
+   *  keyboard focus loses it. A reply's events redraw its message several times in a few milliseconds. */
   messageElement(message, index, count) {
-    const busy = this.session.busy;
-    const live = Boolean(this.session.live && this.session.live.message_id === message.id);
-    const shown = this.session.shownSwipe(message);
-    const streaming = this.session.streaming(message, shown);
-    const last = index === count - 1;
-    const signature = JSON.stringify([message, last, busy, live, shown, streaming]);
-    const known = this.elements.get(message.id);
-    if (known && (known.signature === signature || this.editing?.messageId === message.id)) return known.element;
-    const element = this.buildMessage(message, { last, busy, live, shown, streaming });
-    if (known) known.element.replaceWith(element);
-    this.elements.set(message.id, { element, signature });
-    return element;
+    const state = this.messageState(message, index === count - 1);
+    let known = this.elements.get(message.id);
+    if (!known) {
+      known = this.createMessage(message);
+      this.elements.set(message.id, known);
+    }
+    const signature = JSON.stringify([message, state]);
+    if (known.signature !== signature && this.editing?.messageId !== message.id) {
+      this.updateMessage(known, message, state);
+      known.signature = signature;
+    }
+    return known.element;
   }
 
-  buildMessage(message, { last, busy, live, shown, streaming }) {
-    const swipe = message.swipes[shown];
+  messageState(message, last) {
+    const busy = this.session.busy;
+    const shown = this.session.shownSwipe(message);
+    return {
+      last,
+      busy,
+      shown,
+      live: Boolean(this.session.live && this.session.live.message_id === message.id),
+      streaming: this.session.streaming(message, shown),
+      // The swipes of the message a job writes can be flipped through before and while they grow; the server
+      // takes no other choice until the job ends.
+      flipLocked: busy && !this.session.holdsChoice(message.id),
+    };
+  }
+
+  createMessage(message) {
+    const author = h('span', { class: 'author' });
+    const meta = h('span', { class: 'meta' });
+    const body = h('div', { class: 'body markdown' });
+    const element = h('article', { dataset: { id: message.id } }, h('header', {}, author, meta), body);
+    // `text`: what the body shows; `layout`: which controls the footer has.
+    return { element, author, meta, body, text: null, actions: null, controls: null, layout: null, signature: null };
+  }
+
+  updateMessage(known, message, state) {
+    const swipe = message.swipes[state.shown];
     const stats = [formatTime(swipe.time)];
     if (swipe.tokens !== null) stats.push(`${swipe.tokens} tokens`);
     if (swipe.tokens_per_second !== null) stats.push(`${swipe.tokens_per_second.toFixed(1)} tokens/s`);
-    const body = h('div', { class: 'body markdown' });
-    body.append(renderMarkdown(swipe.text));
-    if (streaming) body.classList.add('streaming');
+    known.element.className = `message ${message.is_user ? 'user' : 'bot'}${state.live ? ' live' : ''}`;
+    known.element.dataset.author = message.author;
+    known.author.textContent = message.author;
+    known.meta.textContent = stats.filter(Boolean).join(' · ');
+    this.showText(known, swipe.text);
+    known.body.classList.toggle('streaming', state.streaming);
 
-    return h('article', {
-      class: `message ${message.is_user ? 'user' : 'bot'}${live ? ' live' : ''}`,
-      dataset: { id: message.id, author: message.author },
-    },
-    h('header', {},
-      h('span', { class: 'author' }, message.author),
-      h('span', { class: 'meta' }, stats.filter(Boolean).join(' · '))),
-    body,
-    this.messageActions(message, { last, busy, live, shown }));
+    const lastReply = state.last && !message.is_user;
+    const layout = [!message.is_user && (message.swipes.length > 1 || lastReply), lastReply, state.last];
+    if (known.layout !== layout.join()) {
+      const { actions, controls } = this.buildActions(message.id, layout);
+      if (known.actions) known.actions.replaceWith(actions);
+      else known.element.append(actions);
+      Object.assign(known, { actions, controls, layout: layout.join() });
+    }
+    this.updateActions(known.controls, message, state);
   }
 
-  messageActions(message, { last, busy, live, shown }) {
-    const count = message.swipes.length;
-    const lastReply = last && !message.is_user;
-    // The swipes of a message being written can be flipped through while they grow.
-    const flipLocked = busy && !live;
-    const button = (action, label, title, handler, disabled = busy) => h('button', {
-      type: 'button', class: 'action', dataset: { action }, title, 'aria-label': title, disabled, onclick: handler,
+  showText(known, text) {
+    if (known.text === text) return;
+    known.body.replaceChildren(renderMarkdown(text));
+    known.text = text;
+  }
+
+  /** The footer's controls. Their handlers look the message up when clicked, since they outlive renders. */
+  buildActions(messageId, [swipes, lastReply, last]) {
+    const button = (action, label, title, handler) => h('button', {
+      type: 'button', class: 'action', dataset: { action }, title, 'aria-label': title, onclick: handler,
     }, label);
-    const swipes = [];
-    if (!message.is_user && (count > 1 || lastReply)) {
-      swipes.push(
-        button('swipe-left', '‹', 'Previous alternative', () => this.choose(message, shown - 1), flipLocked || shown === 0),
-        h('span', { class: 'swipe-count', title: 'Alternative shown / alternatives' }, `${shown + 1}/${count}`),
-        lastReply && shown === count - 1
-          ? button('swipe-right', '›', 'New alternative', () => this.run(() => this.session.regenerate()))
-          : button('swipe-right', '›', 'Next alternative', () => this.choose(message, shown + 1), flipLocked || shown >= count - 1),
-      );
+    const regenerate = () => this.run(() => this.session.regenerate());
+    const controls = {
+      edit: button('edit', 'Edit', 'Edit this message', () => this.startEdit(messageId)),
+      branch: button('branch', 'Branch', 'Start a new chat from the messages up to here',
+        () => this.run(() => this.actions.branch(messageId))),
+      delete: button('delete', 'Delete', 'Delete this message',
+        () => this.run(() => this.session.deleteMessage(messageId))),
+    };
+    if (swipes) {
+      controls.previous = button('swipe-left', '‹', 'Previous alternative', () => this.flip(messageId, -1));
+      controls.count = h('span', { class: 'swipe-count', title: 'Alternative shown / alternatives' });
+      // "Next alternative", or on the last swipe of the last reply "New alternative" (see updateActions).
+      controls.next = button('swipe-right', '›', '', () => {
+        if (controls.writes) regenerate();
+        else this.flip(messageId, 1);
+      });
     }
-    return h('footer', { class: 'actions' },
-      swipes.length ? h('span', { class: 'swipes' }, swipes) : null,
-      button('edit', 'Edit', 'Edit this message', () => this.startEdit(message)),
-      lastReply ? button('regenerate', 'Regenerate', 'Write a new alternative', () => this.run(() => this.session.regenerate())) : null,
-      lastReply ? this.regenerateMany(busy) : null,
-      lastReply ? button('continue', 'Continue', 'Let the bot write more of this reply', () => this.run(() => this.session.continueReply())) : null,
-      !last ? button('rewind', 'Rewind', 'Remove every message after this one', () => this.rewind(message)) : null,
-      button('branch', 'Branch', 'Start a new chat from the messages up to here', () => this.run(() => this.actions.branch(message.id)), false),
-      button('delete', 'Delete', 'Delete this message', () => this.run(() => this.session.deleteMessage(message.id))));
+    if (lastReply) {
+      controls.regenerate = button('regenerate', 'Regenerate', 'Write a new alternative', regenerate);
+      controls.many = this.regenerateMany();
+      controls.continue = button('continue', 'Continue', 'Let the bot write more of this reply',
+        () => this.run(() => this.session.continueReply()));
+    }
+    if (!last) {
+      controls.rewind = button('rewind', 'Rewind', 'Remove every message after this one', () => this.rewind(messageId));
+    }
+    const actions = h('footer', { class: 'actions' },
+      swipes ? h('span', { class: 'swipes' }, controls.previous, controls.count, controls.next) : null,
+      controls.edit, controls.regenerate, controls.many?.element, controls.continue, controls.rewind, controls.branch,
+      controls.delete);
+    return { actions, controls };
+  }
+
+  updateActions(controls, message, { last, busy, shown, flipLocked }) {
+    for (const name of ['edit', 'regenerate', 'continue', 'rewind', 'delete']) {
+      if (controls[name]) controls[name].disabled = busy;
+    }
+    if (controls.count) {
+      const count = message.swipes.length;
+      const writes = last && !message.is_user && shown === count - 1;
+      const title = writes ? 'New alternative' : 'Next alternative';
+      controls.previous.disabled = flipLocked || shown === 0;
+      controls.count.textContent = `${shown + 1}/${count}`;
+      controls.next.title = title;
+      controls.next.setAttribute('aria-label', title);
+      controls.writes = writes;
+      controls.next.disabled = writes ? busy : flipLocked || shown >= count - 1;
+    }
+    controls.many?.update();
   }
 
   /** "×N": a number field for N and a button that asks for N new alternatives at once; Enter in the
    *  field asks too. An N out of range disables the button until it is fixed (or the field is left). */
-  regenerateMany(busy) {
+  regenerateMany() {
     const field = h('input', {
-      type: 'number', class: 'at-once', min: 2, max: MOST_AT_ONCE, step: 1, value: String(this.atOnce), disabled: busy,
+      type: 'number', class: 'at-once', min: 2, max: MOST_AT_ONCE, step: 1, value: String(this.atOnce),
       'aria-label': 'How many alternatives to write at once', title: 'How many alternatives to write at once',
     });
-    const go = h('button', { type: 'button', class: 'action', dataset: { action: 'regenerate-many' }, disabled: busy });
-    const label = () => {
-      const title = `Write ${this.atOnce} alternatives at once`;
-      go.textContent = `×${this.atOnce}`;
-      go.title = title;
-      go.setAttribute('aria-label', title);
-    };
+    const go = h('button', { type: 'button', class: 'action', dataset: { action: 'regenerate-many' } });
     const typed = () => {
       const n = Number(field.value);
       return Number.isInteger(n) && n >= 2 && n <= MOST_AT_ONCE ? n : null;
     };
+    const update = () => {
+      const busy = this.session.busy;
+      const title = `Write ${this.atOnce} alternatives at once`;
+      go.textContent = `×${this.atOnce}`;
+      go.title = title;
+      go.setAttribute('aria-label', title);
+      field.disabled = busy;
+      go.disabled = busy || typed() === null;
+    };
     const ask = () => {
-      if (!busy && typed() !== null) this.run(() => this.session.regenerate(this.atOnce));
+      if (!this.session.busy && typed() !== null) this.run(() => this.session.regenerate(this.atOnce));
     };
     field.addEventListener('input', () => {
       const n = typed();
       if (n !== null) this.atOnce = n;
-      go.disabled = busy || n === null;
-      label();
+      update();
     });
     field.addEventListener('change', () => {
       if (typed() === null) field.value = String(this.atOnce);
-      go.disabled = busy;
+      update();
     });
     field.addEventListener('keydown', (event) => {
       if (event.key === 'Enter') {
@@ -182,8 +250,7 @@ export class ChatView {
       }
     });
     go.addEventListener('click', ask);
-    label();
-    return h('span', { class: 'regenerate-many' }, field, go);
+    return { element: h('span', { class: 'regenerate-many' }, field, go), update };
   }
 
   /** Streamed text is drawn once per frame, however many tokens arrived in it. */
@@ -199,9 +266,8 @@ export class ChatView {
       const known = this.elements.get(id);
       const message = this.session.message(id);
       if (!known || !message || this.editing?.messageId === id) continue;
-      const body = known.element.querySelector('.body');
-      body.replaceChildren(renderMarkdown(this.session.shownText(message)));
-      known.signature = null; // the next full render rebuilds it from the document
+      this.showText(known, this.session.shownText(message));
+      known.signature = null; // the next full render brings the rest of the message up to date
     }
     this.keepPinned();
   }
@@ -216,21 +282,24 @@ export class ChatView {
     }
   }
 
-  choose(message, swipe) {
-    return this.run(() => this.session.chooseSwipe(message.id, swipe));
+  /** Shows the swipe `step` away from the one shown now. */
+  flip(messageId, step) {
+    const message = this.session.message(messageId);
+    return this.run(() => this.session.chooseSwipe(messageId, this.session.shownSwipe(message) + step));
   }
 
-  async rewind(message) {
+  async rewind(messageId) {
     const doc = this.session.doc;
-    const later = doc.messages.length - 1 - doc.messages.findIndex((m) => m.id === message.id);
+    const later = doc.messages.length - 1 - doc.messages.findIndex((m) => m.id === messageId);
     if (await confirmDialog(`Remove the ${later} message${later === 1 ? '' : 's'} after this one?`, 'Rewind')) {
-      await this.run(() => this.session.rewind(message.id));
+      await this.run(() => this.session.rewind(messageId));
     }
   }
 
-  startEdit(message) {
+  startEdit(messageId) {
     if (this.editing) this.cancelEdit();
-    const known = this.elements.get(message.id);
+    const message = this.session.message(messageId);
+    const known = this.elements.get(messageId);
     const originalText = this.session.shownText(message);
     const textarea = h('textarea', { class: 'editor', maxlength: 20000, 'aria-label': `Edit the message of ${message.author}` });
     textarea.value = originalText;
@@ -250,10 +319,10 @@ export class ChatView {
         h('button', { type: 'button', class: 'primary', dataset: { action: 'save-edit' }, onclick: save }, 'Save'),
         h('button', { type: 'button', dataset: { action: 'cancel-edit' }, onclick: cancel }, 'Cancel'),
         h('span', { class: 'muted hint' }, 'Ctrl+Enter saves, Escape cancels')));
-    known.element.querySelector('.body').replaceWith(editor);
-    known.element.querySelector('.actions').hidden = true;
+    known.body.replaceWith(editor);
+    known.actions.hidden = true;
     known.element.classList.add('editing');
-    this.editing = { messageId: message.id, revision: this.session.doc.revision, originalText, textarea };
+    this.editing = { messageId: message.id, revision: this.session.doc.revision, originalText, textarea, editor };
     autoGrow(textarea);
     textarea.focus();
   }
@@ -289,9 +358,12 @@ export class ChatView {
   finishEdit() {
     const editing = this.editing;
     this.editing = null;
-    if (editing) {
-      const known = this.elements.get(editing.messageId);
-      if (known) known.signature = null;
+    const known = editing && this.elements.get(editing.messageId);
+    if (known) {
+      editing.editor.replaceWith(known.body);
+      known.actions.hidden = false;
+      known.element.classList.remove('editing');
+      known.signature = null;
     }
     this.render();
   }
