@@ -114,6 +114,12 @@ class KVCache:
         self.kind, self.shape, self.dtype = kind, shape, dtype
         self.max_seq_len = max_seq_len
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes the cache allocates: entries, and scales where quantized."""
+        parts = (self.keys.data, self.keys.scales, self.values.data, self.values.scales)
+        return sum(t.nbytes for t in parts if t is not None)
+
     def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cache_len: int):
         """Store k, v [batch, kv_heads, length, head_dim] at `positions`; return the first cache_len slots."""
         if cache_len > self.max_seq_len:
