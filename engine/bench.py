@@ -262,7 +262,7 @@ def _bifurcated_step_seconds(loaded: LoadedModel, shared: int, samples: int, ste
     from .parallel import SharedPrefixDecoder
 
     decoder = SharedPrefixDecoder(loaded)
-    tokens = torch.zeros(samples, dtype=torch.long, device=loaded.device)
+    tokens = torch.zeros(samples, dtype=torch.long)  # on the CPU, as ParallelGenerator passes them
 
     def run():
         decoder.start(shared, samples, steps)
@@ -281,7 +281,7 @@ def _replicated_step_seconds(loaded: LoadedModel, shared: int, samples: int, ste
     model, config = loaded.model, loaded.config
     contexts = [layer.self_attn.cache for layer in model.layers]
     length = shared + steps
-    tokens = torch.zeros(samples, 1, dtype=torch.long, device=loaded.device)
+    hidden = model.embed(torch.zeros(samples, 1, dtype=torch.long))
     position = torch.full((1,), shared, dtype=torch.long, device=loaded.device)
     try:
         for layer, context in zip(model.layers, contexts):
@@ -292,7 +292,7 @@ def _replicated_step_seconds(loaded: LoadedModel, shared: int, samples: int, ste
             layer.self_attn.cache = cache
 
         def step():
-            return model.step(tokens, position, length)
+            return model.step(hidden, position, length)
 
         if loaded.device.type == "cuda" and len(model.segments) == 1:
             graph, _ = capture_graph(step, loaded.device)

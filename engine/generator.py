@@ -162,7 +162,7 @@ class Generator:
         if self.graphs is not None and len(ids) == 1:
             logits = self.graphs.step(ids[0], start, with_adapters=bool(self.loaded.adapters.mix))
         else:
-            logits = self.model(torch.tensor([ids], device=self.loaded.device), start)[0, -1]
+            logits = self.model(torch.tensor([ids]), start)[0, -1]  # ids on the CPU: the model takes them to its table
         self.cached = self.cached[:start] + list(ids)
         return logits
 

@@ -3,7 +3,8 @@
 At batch 1 a decode step is hundreds of small kernels, and launching them from Python costs more than
 running them. A graph replays the whole step with one launch. Shapes must be fixed inside a graph, so
 the attention length is fixed too: one graph per bucket of cache lengths (powers of two), each
-replayed for every position inside its bucket, with the step's token and position in static buffers.
+replayed for every position inside its bucket, with the step's position and token in static buffers (the
+token's id, looked up inside the graph, or its row, where the table stays in CPU memory: EmbeddedTokens).
 
 A model split over GPUs has one graph per (segment, bucket), each captured on its segment's device, since
 a graph belongs to one device. Between them the hidden state is copied from one segment's output to the
@@ -13,6 +14,7 @@ next one's input buffer, outside the graphs.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .model import Transformer
 
@@ -27,16 +29,49 @@ def bucket_for(length: int, max_seq_len: int) -> int:
     return min(bucket, max_seq_len)
 
 
+class EmbeddedTokens:
+    """A graph's token input on the model's first device, for up to `rows` tokens at one position each: `write`
+    fills it before a replay, and `hidden`, called inside the capture, turns it into the first segment's input.
+
+    With the table on the GPU the graph looks the rows up itself, from token ids, which costs the host least. A
+    table kept in CPU memory (model.embedding_device) is read on the host, and only the rows go over."""
+
+    def __init__(self, model: Transformer, rows: int):
+        self.table = model.embed_tokens
+        device = model.segments[0].device
+        self.in_graph = self.table.device == device
+        shape = (rows, 1) if self.in_graph else (rows, 1, model.config.hidden_size)
+        self.buffer = torch.zeros(shape, dtype=torch.long if self.in_graph else self.table.dtype, device=device)
+
+    def write(self, tokens: torch.Tensor) -> None:
+        """Take the next replay's tokens (ids [n] on the CPU) into the first n rows."""
+        count = len(tokens)
+        if self.in_graph and count == 1:
+            self.buffer[0, 0].fill_(int(tokens[0]))  # the decode loop's one token goes by value: no copy
+        elif self.in_graph:
+            self.buffer[:count, 0].copy_(tokens)
+        else:
+            # From pinned memory the copy does not hold up the host; PyTorch's pinned-memory allocator hands that
+            # memory out again only once the copy from it has run.
+            rows = torch.empty(count, self.table.shape[1], dtype=self.table.dtype, pin_memory=True)
+            torch.index_select(self.table, 0, tokens, out=rows)
+            self.buffer[:count, 0].copy_(rows, non_blocking=True)
+
+    def hidden(self, rows: int) -> torch.Tensor:
+        """The hidden states [rows, 1, hidden] of the first `rows` tokens."""
+        return F.embedding(self.buffer[:rows], self.table) if self.in_graph else self.buffer[:rows]
+
+
 class GraphedDecoder:
     def __init__(self, model: Transformer, max_seq_len: int):
         self.model = model
         self.max_seq_len = max_seq_len
         segments = model.segments
-        # Each segment's graph reads static buffers on its own device: the first one the token, the others
-        # the hidden state handed on; all of them the position.
+        # Each segment's graph reads static buffers on its own device: the first one the token, the others the
+        # hidden state handed on (handed_on[i] feeds segment i + 1); all of them the position.
+        self.token = EmbeddedTokens(model, 1)
         hidden = (1, 1, model.config.hidden_size)
-        self.inputs = [torch.zeros(1, 1, dtype=torch.long, device=segments[0].device)]
-        self.inputs += [torch.zeros(hidden, dtype=model.embed_tokens.dtype, device=s.device) for s in segments[1:]]
+        self.handed_on = [torch.zeros(hidden, dtype=model.embed_tokens.dtype, device=s.device) for s in segments[1:]]
         self.positions = [torch.zeros(1, dtype=torch.long, device=s.device) for s in segments]
         # One capture stream and one memory pool per segment: a pool serves one device, and all buckets share
         # it because they never run at the same time.
@@ -49,18 +84,21 @@ class GraphedDecoder:
     def _capture(self, bucket: int) -> list[tuple[torch.cuda.CUDAGraph, torch.Tensor]]:
         captured = []
         for index, segment in enumerate(self.model.segments):
-            args = (index, self.inputs[index], self.positions[index], bucket)
+            def run():  # inside the stream or the capture: the first segment's input may be a lookup to record
+                x = self.token.hidden(1) if index == 0 else self.handed_on[index - 1]
+                return self.model.run_segment(index, x, self.positions[index], bucket)
+
             with torch.cuda.device(segment.device):
                 # Warm up on the side stream first, as CUDA graph capture requires, then record the segment.
                 stream = self.streams[index]
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     for _ in range(2):
-                        self.model.run_segment(*args)
+                        run()
                 torch.cuda.current_stream().wait_stream(stream)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pools[index], stream=stream):
-                    output = self.model.run_segment(*args)
+                    output = run()
                 self.pools[index] = graph.pool()
             captured.append((graph, output))
         return captured
@@ -71,7 +109,7 @@ class GraphedDecoder:
 
         `with_adapters` says whether the model applies LoRA adapters now: a graph records the adapters' kernels
         or not, so each bucket has a graph for either case."""
-        self.inputs[0].fill_(token)
+        self.token.write(torch.tensor([token]))
         for buffer in self.positions:
             buffer.fill_(position)
         bucket = bucket_for(position + 1, self.max_seq_len)
@@ -84,6 +122,6 @@ class GraphedDecoder:
         for index, (graph, output) in enumerate(graphs):
             if index:
                 # A copy between devices waits for the source's stream and makes the target's stream wait for it.
-                self.inputs[index].copy_(graphs[index - 1][1])
+                self.handed_on[index - 1].copy_(graphs[index - 1][1])
             graph.replay()
         return output[0, -1]

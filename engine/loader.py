@@ -16,7 +16,7 @@ from .config import ModelConfig
 from .errors import ModelError
 from .formats import Checkpoint
 from .lora import LoraSet
-from .model import Transformer
+from .model import Transformer, embedding_device
 from .quant import Q4Linear
 from .tokenizer import Tokenizer, load_from_folder
 
@@ -123,7 +123,14 @@ def load_model(path: str = DEFAULT_MODEL, device=None, dtype: torch.dtype | None
         check_kv_cache(kv_cache, checkpoint.config.head_dim)
     except ValueError as error:
         raise ModelError(f"--kv-cache {kv_cache}: {error}") from None
-    device_of = placement.device_of if placement else lambda name: device
+    table_device = embedding_device(placement.first_device if placement else device,
+                                    tied="lm_head.weight" not in checkpoint.weights)
+
+    def device_of(name: str) -> torch.device:
+        if name == "model.embed_tokens.weight":
+            return table_device
+        return placement.device_of(name) if placement else device
+
     weights = {name: _place(name, w, device_of(name), dtype, quantize) for name, w in checkpoint.weights.items()}
     if placement and "lm_head.weight" not in weights:
         # Tied embeddings: the head on the last GPU needs its own copy (the same tensor when that GPU is the first).

@@ -19,7 +19,7 @@ import torch
 from .cache import SharedPrefixCache
 from .errors import ModelError
 from .generator import GenerationResult, Generator, Sample, SampleDecoding
-from .graphs import bucket_for
+from .graphs import EmbeddedTokens, bucket_for
 from .loader import LoadedModel
 
 SMALLEST_OWN_BUCKET = 32  # own slots a graph reads at least; each doubling needs one more graph
@@ -46,7 +46,7 @@ class SharedPrefixDecoder:
         # (rows, context slots, own slots, with adapters) -> graph and its output
         self.graphs: dict[tuple[int, int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None  # one memory pool for all graphs: they never run at the same time
-        self.tokens: torch.Tensor | None = None  # the graphs' inputs: each row's token and the position
+        self.tokens: EmbeddedTokens | None = None  # the graphs' inputs: each row's token, and the position
         self.positions: torch.Tensor | None = None
         self.own_slot: torch.Tensor | None = None  # the own slot of the step, for every layer's cache
 
@@ -62,7 +62,7 @@ class SharedPrefixDecoder:
             self.caches, self.graphs, self.pool = [], {}, None
             self.own_slot = torch.zeros(1, dtype=torch.long, device=self.device)
             self.caches = [SharedPrefixCache(context, rows, capacity, self.own_slot) for context in contexts]
-            self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+            self.tokens = EmbeddedTokens(self.model, rows)
             self.positions = torch.zeros(1, dtype=torch.long, device=self.device)
         for cache in self.caches:
             cache.start(context_len)
@@ -76,8 +76,8 @@ class SharedPrefixDecoder:
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [rows, vocab] after each row's token (tokens [rows]) at the next position. The returned
-        tensor may be overwritten by the next step."""
+        """Logits [rows, vocab] after each row's token (tokens [rows], on the CPU) at the next position. The
+        returned tensor may be overwritten by the next step."""
         own_len = self.position - self.context_len + 1
         capacity = self.caches[0].keys.shape[2]
         if own_len > capacity:
@@ -88,25 +88,25 @@ class SharedPrefixDecoder:
             logits = self._replay(tokens, bucket_for(self.context_len, self.max_seq_len), own_slots)
         else:
             positions = torch.tensor([self.position], device=self.device)
-            logits = self._forward(tokens.to(self.device).view(-1, 1), positions, self.context_len, own_len)
+            logits = self._forward(self.model.embed(tokens.view(-1, 1)), positions, self.context_len, own_len)
         self.position += 1
         return logits
 
-    def _forward(self, tokens, positions, context_slots: int, own_slots: int) -> torch.Tensor:
+    def _forward(self, hidden, positions, context_slots: int, own_slots: int) -> torch.Tensor:
         layers = self.model.layers
         for layer, cache in zip(layers, self.caches):
             cache.context_slots, cache.own_slots = context_slots, own_slots
             layer.self_attn.cache = cache
         try:
             # cache_len only shapes the model's single-cache bias, which SharedPrefixCache does not use.
-            return self.model.step(tokens, positions, context_slots + own_slots)[:, -1]
+            return self.model.step(hidden, positions, context_slots + own_slots)[:, -1]
         finally:
             for layer, cache in zip(layers, self.caches):
                 layer.self_attn.cache = cache.context
 
     def _replay(self, tokens: torch.Tensor, context_slots: int, own_slots: int) -> torch.Tensor:
         rows = tokens.shape[0]
-        self.tokens[:rows, 0].copy_(tokens)
+        self.tokens.write(tokens)
         self.positions.fill_(self.position)
         key = (rows, context_slots, own_slots, bool(self.adapters.mix))
         if key not in self.graphs:
@@ -118,7 +118,7 @@ class SharedPrefixDecoder:
 
     def _capture(self, rows: int, context_slots: int, own_slots: int):
         def step():
-            return self._forward(self.tokens[:rows], self.positions, context_slots, own_slots)
+            return self._forward(self.tokens.hidden(rows), self.positions, context_slots, own_slots)
 
         graph, logits = capture_graph(step, self.device, self.pool)
         self.pool = graph.pool()

@@ -1,7 +1,9 @@
 """Placing a model's layers on several GPUs, planned from the checkpoint's metadata before any weight is read.
 
-Layers go in order: the first GPU takes the embedding and the first layers, each next GPU the layers that
-follow, and the last one also the final norm and the head. A layer's KV cache lives with the layer.
+Layers go in order: the first GPU takes the first layers, each next GPU the layers that follow, and the last
+one also the final norm and the head. A layer's KV cache lives with the layer. The embedding table takes
+GPU memory only when tied to the head, on the first GPU; an untied one stays in CPU memory
+(engine.model.embedding_device).
 `--gpu-split 17.2,24` gives each GPU, in order, a share in GiB (at most its free memory); `--gpu-split auto`
 uses each GPU's free memory. Either way the plan fills the GPUs in order and, unlike ExLlama's -gs (weights
 only, so long contexts run out of memory), a share covers everything the model will allocate there:
@@ -16,7 +18,8 @@ only, so long contexts run out of memory), a share covers everything the model w
                          6 x T x C                                         the mask, float32 and an fp16 copy (the
                                                                            fused attention kernels keep no scores)
                          + 3 x T x intermediate x b + 8 x T x hidden x b   MLP and residual activations
-                         + 2 x out x in of the largest 4-bit stack         its fp16 copy for the cuBLAS path
+                         + 2 x 4096 x max(hidden, intermediate), at most   the fp16 copy of the outputs that
+                           2 x out x in of the largest 4-bit stack         the cuBLAS path dequantizes at a time
                          + 10 x T x vocab on the last GPU                  fp16 logits, fp32 logits, log-softmax
                          + 2 x kv_heads x head_dim x C x b, quantized      a layer's cache read back for the
                                                                            prompt's attention
@@ -45,7 +48,7 @@ import torch
 
 from .cache import KV_CACHE_KINDS, cache_bytes_per_entry
 from .config import ModelConfig
-from .cuda.q4 import REPACK_OUTPUTS, SLICE_N, TILE_K
+from .cuda.q4 import DEQUANTIZE_OUTPUTS, REPACK_OUTPUTS, SLICE_N, STEP_K
 from .errors import ModelError
 from .formats import gguf, hf
 from .generator import PREFILL_CHUNK
@@ -78,7 +81,7 @@ def device_bytes(weight: WeightShape, dtype_bytes: int) -> int:
     if not weight.group_size:
         return math.prod(weight.shape) * dtype_bytes
     out_features, in_features = weight.shape
-    k_pad, n_pad = -(-in_features // TILE_K) * TILE_K, -(-out_features // SLICE_N) * SLICE_N
+    k_pad, n_pad = -(-in_features // STEP_K) * STEP_K, -(-out_features // SLICE_N) * SLICE_N
     groups = -(-k_pad // weight.group_size)
     perm = 12 * in_features if weight.act_order else 0  # int64 kept by Q4Linear, int32 for the kernel
     return n_pad * k_pad // 2 + n_pad * groups * 4 + perm
@@ -106,7 +109,7 @@ class Footprint:
 
     layers: tuple[int, ...]  # weights of each layer
     layer_cache: int  # KV cache of one layer
-    embedding: int
+    embedding: int  # the table on the first GPU: 0 when untied, since it stays in CPU memory
     norm: int
     head: int  # the head's weights; a copy of the embedding when tied, needed only on a GPU without it
     tied: bool
@@ -127,19 +130,19 @@ class Footprint:
         t, b = min(prefill_tokens, max_seq_len), dtype_bytes
         layer_slots = config.num_kv_heads * config.head_dim * max_seq_len
         entry_bytes = sum(cache_bytes_per_entry(bits, b) for bits in KV_CACHE_KINDS[kv_cache])  # a key and a value
+        widest_in = max(config.hidden_size, config.intermediate_size)
         prefill = (6 * t * max_seq_len + 3 * t * config.intermediate_size * b
-                   + 8 * t * config.hidden_size * b + 2 * largest_q4)
+                   + 8 * t * config.hidden_size * b + 2 * min(largest_q4, DEQUANTIZE_OUTPUTS * widest_in))
         if kv_cache != "full":
             prefill += 2 * layer_slots * b
-        widest_part = REPACK_OUTPUTS * max(config.hidden_size, config.intermediate_size)
-        load = REPACK_BYTES_PER_WEIGHT * min(largest_q4, widest_part) + largest_q4
+        load = REPACK_BYTES_PER_WEIGHT * min(largest_q4, REPACK_OUTPUTS * widest_in) + largest_q4
         fixed = (2 * 6 * max_seq_len + GRAPH_POOL_SLACK
                  + 2 * max_seq_len * config.head_dim * b)
         logits = 10 * t * config.vocab_size
         return cls(
             layers=tuple(layers),
             layer_cache=math.ceil(layer_slots * entry_bytes),
-            embedding=device_bytes(shapes[EMBEDDING], b),
+            embedding=device_bytes(shapes[EMBEDDING], b) if tied else 0,
             norm=device_bytes(shapes[NORM], b),
             head=device_bytes(shapes[EMBEDDING if tied else HEAD], b),
             tied=tied,

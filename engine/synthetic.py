@@ -11,7 +11,7 @@ import torch
 from .config import ModelConfig
 from .errors import ModelError
 from .loader import LoadedModel, prepare_linears
-from .model import Transformer
+from .model import Transformer, embedding_device
 from .quant import Q4Linear
 from .split import Footprint, WeightShape, gpu_budgets, plan_split
 
@@ -82,8 +82,13 @@ def synthetic_model(name: str, device="cuda", bits: int | None = 4, group_size: 
     # Every weight is drawn from one generator on one device, so a split model has the very same weights.
     drawn_on = placement.first_device if placement else torch.device(device)
     generator = torch.Generator(device=drawn_on).manual_seed(0)
+    table_device = embedding_device(drawn_on, tied="lm_head.weight" not in shapes)
     weights = {}
     for weight_name, weight in shapes.items():
+        if weight_name == "model.embed_tokens.weight" and table_device != drawn_on:
+            # A table kept in CPU memory is drawn there, from a generator of its own: it never takes GPU memory.
+            weights[weight_name] = _random_dense(*weight.shape, table_device, torch.Generator().manual_seed(0))
+            continue
         if len(weight.shape) == 1:
             tensor = torch.ones(weight.shape, device=drawn_on, dtype=torch.float16)
         elif weight.group_size:

@@ -118,11 +118,12 @@ def test_matmul_matches_float32_reference(in_features, out_features, group_size,
     gen = torch.Generator().manual_seed(in_features * 7 + out_features)
     layer = random_layer(in_features, out_features, group_size, act_order, gen, device="cuda")
     prepared = q4.prepare(layer)
-    staged_row_bytes = (-(-in_features // 64) * 64 + 8) * 2
+    staged_row_bytes = (-(-in_features // q4.STEP_K) * q4.STEP_K + 8) * 2
     for rows in ROWS:
         x = torch.randn(rows, in_features, generator=gen).half().cuda()
         # 0: the kernel's choice; 1: x from global memory; 2: x staged in shared memory, if it fits.
-        modes = (0, 1, 2) if rows * staged_row_bytes <= ext.max_staged_bytes(rows, 0, 1) else (0, 1)
+        fits = rows * staged_row_bytes <= ext.max_staged_bytes(rows, 0, 1, prepared.folded)
+        modes = (0, 1, 2) if fits else (0, 1)
         for mode in modes:
             out = torch.full((rows, out_features), float("nan"), dtype=torch.float16, device="cuda")
             try:
@@ -131,6 +132,25 @@ def test_matmul_matches_float32_reference(in_features, out_features, group_size,
                 pytest.fail(f"rows={rows} mode={mode}: {error}")
             err = relative_error(out, reference(layer, x))
             assert err < 2e-3, f"rows={rows} mode={mode}: relative error {err:.2e}"
+
+
+@needs_gpu
+@pytest.mark.parametrize("rows", [1, 2, 8])
+def test_folded_path_keeps_its_precision_for_inputs_far_from_zero(rows):
+    """The folded path (group size 128, up to 8 rows) multiplies x by 1024 + q and takes 1024 sum(x) back out in
+    float32; inputs that share a large mean make that bias largest against the result."""
+    ext = cuda.extension()
+    gen = torch.Generator().manual_seed(rows)
+    layer = random_layer(4096, 1032, 128, False, gen, device="cuda")
+    prepared = q4.prepare(layer)
+    assert prepared.folded
+    x = (torch.randn(rows, 4096, generator=gen) * 0.5 + 4).half().cuda()
+    fits = rows * (4096 + 8) * 2 <= ext.max_staged_bytes(rows, 0, 1, True)
+    for mode in (1, 2) if fits else (1,):
+        out = torch.full((rows, 1032), float("nan"), dtype=torch.float16, device="cuda")
+        prepared.matmul(x, out, mode=mode)
+        err = relative_error(out, reference(layer, x))
+        assert err < 2e-3, f"mode={mode}: relative error {err:.2e}"
 
 
 @needs_gpu
@@ -150,10 +170,12 @@ def test_matmul_keeps_leading_dimensions():
     (4096, 11008, 16, 32),  # blocks that compute several slices restage b for each
     (1088, 520, 3, 12),  # a rank and an offset the epilogue cannot copy 16 bytes at a time: a separate product
 ])
-def test_matmul_adds_a_low_rank_update_in_its_epilogue(rows, in_features, out_features, first, rank):
+# Group size 64 takes the per-weight path; one group per row (-1) takes the folded one up to 8 rows.
+@pytest.mark.parametrize("group_size", [64, -1])
+def test_matmul_adds_a_low_rank_update_in_its_epilogue(rows, in_features, out_features, first, rank, group_size):
     """y = x[:, perm] @ W^T + h @ b^T, with h a column slice of a wider product as a LoRA layer passes it."""
     gen = torch.Generator().manual_seed(rows)
-    layer = random_layer(in_features, out_features, 64, True, gen, device="cuda")
+    layer = random_layer(in_features, out_features, group_size, True, gen, device="cuda")
     x = torch.randn(rows, in_features, generator=gen).half().cuda()
     product = torch.randn(rows, first + rank + 16, generator=gen).half().cuda()
     h, b = product[:, first:first + rank], (torch.randn(out_features, rank, generator=gen) * 0.1).half().cuda()

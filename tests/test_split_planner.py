@@ -15,7 +15,7 @@ from engine.config import ModelConfig
 from engine.cuda.q4 import repack
 from engine.errors import ModelError
 from engine.formats.hf import _expected_shapes, read_hf_folder
-from engine.model import Segment, Transformer
+from engine.model import Segment, Transformer, embedding_device
 from engine.quant import Q4Linear
 from engine.split import GiB, Footprint, WeightShape, device_bytes, gpu_budgets, plan_split
 from engine.synthetic import synthetic_config, weight_shapes
@@ -138,11 +138,47 @@ def test_buffers_follow_the_documented_formula():
     config = synthetic_config("llama2-70b")
     footprint = Footprint.of(config, weight_shapes(config), 4096)
     gate_up = 2 * 28672 * 8192  # the largest 4-bit stack
-    prefill = 6 * 2048 * 4096 + 3 * 2048 * 28672 * 2 + 8 * 2048 * 8192 * 2 + 2 * gate_up
+    dequantized = 4096 * 28672  # the cuBLAS path's fp16 copy of 4096 outputs of down_proj, the widest input
+    prefill = 6 * 2048 * 4096 + 3 * 2048 * 28672 * 2 + 8 * 2048 * 8192 * 2 + 2 * dequantized
     fixed = 2 * 6 * 4096 + split.GRAPH_POOL_SLACK + 2 * 4096 * 128 * 2
     load = 9 * 4096 * 28672 + gate_up  # repacked 4096 outputs at a time
     assert footprint.buffers == max(prefill, load) + fixed
     assert footprint.last_buffers == max(prefill + 10 * 2048 * 32000, load) + fixed
+
+
+def test_a_stack_smaller_than_a_dequantized_part_is_planned_whole():
+    config = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=64)
+    footprint = Footprint.of(config, weight_shapes(config), 1024)
+    gate_up = 2 * 512 * 256  # the largest 4-bit stack, under 4096 outputs of the widest input
+    prefill = 6 * 1024 * 1024 + 3 * 1024 * 512 * 2 + 8 * 1024 * 256 * 2 + 2 * gate_up
+    assert footprint.buffers == prefill + 2 * 6 * 1024 + split.GRAPH_POOL_SLACK + 2 * 1024 * 64 * 2
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_only_a_tied_embedding_table_is_planned_on_the_gpu(tied):
+    """An untied table stays in CPU memory; a tied one is the head too. On one GPU the table's size counts once
+    either way: as the embedding when tied, as the head when not."""
+    config = synthetic_config("llama2-7b")
+    shapes = weight_shapes(config)
+    if tied:
+        del shapes["lm_head.weight"]
+    footprint = Footprint.of(config, shapes, 4096)
+    table = 32000 * 4096 * 2
+    assert footprint.embedding == (table if tied else 0)
+    assert footprint.head == table
+    alone = footprint.share(0, range(0, 32), True, True)
+    assert alone.weights == sum(footprint.layers) + footprint.norm + table
+    first = footprint.share(0, range(0, 16), True, False)
+    assert first.weights == sum(footprint.layers[:16]) + (table if tied else 0)
+
+
+def test_the_table_stays_in_cpu_memory_only_for_an_untied_model_on_a_gpu():
+    gpu, cpu = torch.device("cuda", 1), torch.device("cpu")
+    assert embedding_device(gpu, tied=False) == cpu
+    assert embedding_device(gpu, tied=True) == gpu
+    assert embedding_device(cpu, tied=False) == cpu
+    assert embedding_device(cpu, tied=True) == cpu
 
 
 def test_long_contexts_cost_cache_and_attention_buffers():
@@ -361,3 +397,7 @@ def test_a_model_run_in_two_segments_gives_the_logits_of_one():
     assert len(model.segments) == 1
     model.segments = [Segment(torch.device("cpu"), range(0, 1)), Segment(torch.device("cpu"), range(1, 2))]
     assert torch.equal(model(tokens), whole)
+    # As the CUDA graphs run them: the embedded tokens into the first segment, its hidden states into the next.
+    positions = torch.arange(5)
+    hidden = model.run_segment(0, model.embed(tokens), positions, 5, causal=True)
+    assert torch.equal(model.run_segment(1, hidden, positions, 5, causal=True), whole)

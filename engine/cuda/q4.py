@@ -1,7 +1,8 @@
 """4-bit linear layers on the GPU: repack a Q4Linear once at load time, then multiply.
 
 Layout (q4_kernels.cu reads it; the two change together). Outputs are padded to a multiple of 32
-and inputs to a multiple of 64; padding weights are 0 and padding activations are 0.
+and inputs to a multiple of 128 (a kernel step's two input tiles); padding weights are 0 and padding
+activations are 0.
 
     weights  int32 [out/32, in/64, 2, 32, 4]  slice s, input tile k, tile h: outputs 32s + 16h ..
                                                32s + 16h + 15, inputs 64k .. 64k + 63
@@ -29,6 +30,7 @@ from .build import extension
 
 SLICE_N = 32  # outputs per kernel step: two tiles of 16
 TILE_K = 64
+STEP_K = 2 * TILE_K  # inputs per kernel step: inputs are padded to a multiple
 MAX_KERNEL_ROWS = 16  # more rows: dequantize once and let cuBLAS multiply
 
 
@@ -44,12 +46,13 @@ def unsupported_reason(layer: Q4Linear) -> str | None:
     """Why the kernels cannot run this layer, or None."""
     if layer.group_size % 16 and layer.group_size != layer.in_features:
         return f"group size {layer.group_size} is not a multiple of 16"
-    if _ceil_to(layer.in_features, TILE_K) * layer.group_size > 1 << 32:
+    if _ceil_to(layer.in_features, STEP_K) * layer.group_size > 1 << 32:
         return f"{layer.in_features} inputs with group size {layer.group_size} overflow the group index"
     return None
 
 
 REPACK_OUTPUTS = 4096  # outputs repacked at a time: bounds the temporaries of a large stack (a multiple of 32)
+DEQUANTIZE_OUTPUTS = 4096  # outputs dequantized at a time for cuBLAS: bounds the fp16 copy (a multiple of 32)
 
 
 def repack(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int):
@@ -65,7 +68,7 @@ def repack(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, grou
 
 def _repack_outputs(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int):
     in_features, out_features = packed.shape[0] * 8, packed.shape[1]
-    k_pad, n_pad = _ceil_to(in_features, TILE_K), _ceil_to(out_features, SLICE_N)
+    k_pad, n_pad = _ceil_to(in_features, STEP_K), _ceil_to(out_features, SLICE_N)
     k_tiles, slices = k_pad // TILE_K, n_pad // SLICE_N
 
     q = F.pad(unpack_rows(packed), (0, n_pad - out_features, 0, k_pad - in_features))
@@ -97,6 +100,7 @@ class PreparedQ4:
     group_magic: int
     in_features: int
     out_features: int
+    folded: bool  # each kernel step's inputs share one group, which the kernel's faster path needs
 
     def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None, *, low_rank: LowRank | None = None,
                mode: int = 0, overlap: bool = True) -> torch.Tensor:
@@ -126,13 +130,21 @@ class PreparedQ4:
             h = h.reshape(h.shape[0], rows, -1) if h.dim() > x.dim() else h.reshape(rows, -1)
         ext = extension()
         if rows <= MAX_KERNEL_ROWS:
-            ext.matmul(x2, self.weights, self.scales, self.perm, self.group_magic, self.out_features, y, h, b, mode,
-                       overlap)
+            ext.matmul(x2, self.weights, self.scales, self.perm, self.group_magic, self.folded, self.out_features, y, h,
+                       b, mode, overlap)
         else:
-            w = ext.dequantize(self.weights, self.scales, self.group_magic, self.in_features, self.out_features)
             if self.perm is not None:
                 x2 = x2.index_select(1, self.perm)
-            torch.matmul(x2, w.t(), out=y)
+            # Slices of outputs are independent in the layout, so a wide stack is dequantized and multiplied a
+            # few thousand outputs at a time: its fp16 copy would be a large temporary (180 MB for
+            # Llama-2-7B's gate and up).
+            for start in range(0, self.out_features, DEQUANTIZE_OUTPUTS):
+                stop = min(start + DEQUANTIZE_OUTPUTS, self.out_features)
+                slices = slice(start // SLICE_N, -(-stop // SLICE_N))
+                part = ext.dequantize(self.weights[slices], self.scales[slices], self.group_magic, self.in_features,
+                                      stop - start)
+                torch.matmul(x2, part.t(), out=y[:, start:stop])
+                del part  # before the next part is dequantized: one at a time is all the planner counts
             if low_rank is not None:
                 add_low_rank(y, (h, b), in_place=True)
         return y.view(*lead, self.out_features)
@@ -159,4 +171,5 @@ def prepare(layer: Q4Linear) -> PreparedQ4:
         group_magic=group_magic(layer.group_size),
         in_features=layer.in_features,
         out_features=layer.out_features,
+        folded=layer.group_size % STEP_K == 0 or layer.group_size == layer.in_features,
     )

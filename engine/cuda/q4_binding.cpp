@@ -12,6 +12,7 @@ namespace {
 
 constexpr int kSliceN = 32;
 constexpr int kTileK = 64;
+constexpr int kStepK = 2 * kTileK;  // inputs are padded to a multiple
 constexpr int kMaxRows = 16;
 // The epilogue copies a LoRA update's factors into shared memory 16 bytes at a time, and has room for b
 // up to this rank and for this many bytes of h; any other update is added by a product of its own after
@@ -38,18 +39,19 @@ void check_prepared(const torch::Tensor& weights, const torch::Tensor& scales, i
                   scales.size(3) == 8,
               "q4: scales must be contiguous float16 CUDA [slices, groups, 8, 8]");
   TORCH_CHECK(weights.size(0) == (out_features + kSliceN - 1) / kSliceN &&
-                  weights.size(1) == (in_features + kTileK - 1) / kTileK && in_features % 8 == 0,
+                  weights.size(1) == (in_features + kStepK - 1) / kStepK * 2 && in_features % 8 == 0,
               "q4: layer shape does not match the prepared weights");
   TORCH_CHECK(weights.numel() / 4 < (int64_t(1) << 32) && scales.numel() / 8 < (int64_t(1) << 32),
               "q4: layer too large for 32-bit indexing");
   TORCH_CHECK(weights.get_device() == scales.get_device(), "q4: weights and scales on different devices");
 }
 
-// y[rows, out] = x[rows, in][:, perm] @ W^T for 1..16 rows. `mode` (0 choose, 1 read x from
-// global memory, 2 stage x in shared memory) and `overlap` (see q4_kernels.h) exist for tests
-// and the benchmark.
+// y[rows, out] = x[rows, in][:, perm] @ W^T for 1..16 rows. `folded`: every 128 inputs of a step share one
+// group (q4_kernels.h). `mode` (0 choose, 1 read x from global memory, 2 stage x in shared memory) and
+// `overlap` (see q4_kernels.h) exist for tests and the benchmark.
 torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scales, std::optional<torch::Tensor> perm,
-                     int64_t group_magic, int64_t out_features, torch::Tensor y, std::optional<torch::Tensor> lora_h,
+                     int64_t group_magic, bool folded, int64_t out_features, torch::Tensor y,
+                     std::optional<torch::Tensor> lora_h,
                      std::optional<torch::Tensor> lora_b, int64_t mode, bool overlap) {
   const int64_t in_features = x.size(-1);
   check_prepared(weights, scales, in_features, out_features);
@@ -92,7 +94,8 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scale
   const int64_t x_stride = k_tiles * kTileK + 8;  // +8 halves: rows land on different banks
   // x goes to shared memory when it fits (measured faster, and perm is gathered on the way); a
   // larger x is read from global memory, after a separate gather pass if the layer has a perm.
-  const bool fits = rows * x_stride * 2 <= int64_t(q4::max_staged_bytes(int(rows), int(epilogue_rank), int(parts)));
+  const bool fits =
+      rows * x_stride * 2 <= int64_t(q4::max_staged_bytes(int(rows), int(epilogue_rank), int(parts), folded));
   const bool staged = mode == 2 || (mode == 0 && fits);
   TORCH_CHECK(!staged || fits, "q4: x is too large to stage in shared memory");
   // The kernel reads x with 16-byte loads: copy a misaligned view, gather an unstaged perm.
@@ -111,6 +114,7 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scale
   args.k_tiles = int(k_tiles);
   args.groups_pad = int(scales.size(1));
   args.group_magic = uint32_t(group_magic);
+  args.folded = folded;
   args.y = reinterpret_cast<half*>(y.data_ptr<at::Half>());
   args.out_features = int(out_features);
   if (in_epilogue) {
@@ -155,5 +159,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, "4-bit matrix product for 1..16 rows (writes and returns y)");
   m.def("dequantize", &dequantize, "dense float16 [out, in] weight from the prepared layout");
   m.def("max_staged_bytes", &q4::max_staged_bytes, "bytes of x the kernel can stage for this many rows, beside a "
-        "LoRA update of this rank with h in this many parts");
+        "LoRA update of this rank with h in this many parts, on the folded path or not");
 }

@@ -12,7 +12,15 @@
 // At batch 1 the H200 must retire ~32 weights per clock per multiprocessor to keep up with
 // memory, so instruction count and dependency chains per weight are what limit:
 //  - Each warp step handles two tiles (32 outputs) of the same inputs, sharing activation loads
-//    and bookkeeping, and alternates two accumulator sets so that mma chains stay short.
+//    and bookkeeping.
+//  - Where 128 inputs share one group (group sizes that are multiples of 128, or one group per row)
+//    and there are at most 8 activation rows, the product is "folded": a step covers 128 inputs (two
+//    input tiles), the mma multiplies x by the levels as they come out of the nibbles, biased by 1024
+//    (the 1024 + q that or-ing a nibble into the mantissa of 1024.0 gives), and the step ends with
+//    y += scale * (c - 1024 sum(x)) + offset * sum(x) in float32, sum(x) coming from one more mma
+//    with a matrix of ones. That is 6 instructions per 8 weights where scaling each weight first
+//    takes 12. Smaller groups, and more rows (whose activations would not fit in registers twice),
+//    take that per-weight path, one input tile per step.
 //  - Weights stream through a per-warp ring of shared-memory stages filled by cp.async, several
 //    steps ahead; loads into registers cannot do that, since a warp has 6 scoreboards and
 //    waiting for one step's registers also waits for every load issued after it.
@@ -33,14 +41,19 @@
 namespace q4 {
 namespace {
 
-constexpr int kWarps = 8;               // per block, two or three blocks per multiprocessor; warps split the inputs
+constexpr int kWarps = 8;               // per block, two blocks per multiprocessor; warps split the inputs
 constexpr int kTileK = 64;              // inputs per tile
-constexpr int kTilesPerStep = 2;        // 16-output tiles per warp step
-constexpr int kSliceN = 16 * kTilesPerStep;  // outputs per block step
-// Ring stages per warp: kStages - 1 steps (3 KB of weights) in flight per warp, 48 KB per
-// multiprocessor (6 stages measured slower on an H200; bench/NOTES.md).
+constexpr int kTilesN = 2;              // output tiles per warp step
+constexpr int kSliceN = 16 * kTilesN;   // outputs per block step
+// Input tiles per warp step: two on the folded path (one group of 128), else one. q4.py pads the inputs
+// to a multiple of two tiles.
+__host__ __device__ constexpr int tiles_k(bool folded) { return folded ? 2 : 1; }
+// Ring stages per warp: kStages - 1 steps in flight, 3 or 6 KB of weights.
 constexpr int kStages = 4;
-constexpr size_t kRingBytes = size_t(kWarps) * kStages * 32 * (kTilesPerStep + 1) * sizeof(uint4);
+// A stage holds a lane's words of the step's tiles and one (scale, offset) load.
+__host__ __device__ constexpr size_t ring_bytes(bool folded) {
+  return size_t(kWarps) * kStages * 32 * (tiles_k(folded) * kTilesN + 1) * sizeof(uint4);
+}
 // Shared memory per block such that two fit on a multiprocessor (228 KB, 1 KB reserved each),
 // less a little for the kernel's own variables.
 constexpr size_t kBlockSharedBudget = 112 * 1024;
@@ -136,45 +149,57 @@ __device__ __forceinline__ void allow_next_kernel() {
 #endif
 }
 
-// What a lane holds for one step: its words of both tiles, the (scale, offset) of its outputs g
-// and g + 8 in both tiles, and 16 activations of each 8-row slice of x. Lanes past the last row
-// read the last row again: their mma columns are never stored, so nothing needs zero-filling.
-template <int kRowTiles>
+// What a lane holds for one step: its words of the step's tiles, the (scale, offset) of its outputs g
+// and g + 8 in both output tiles, and 16 activations of each 8-row slice of x for each input tile.
+// Lanes past the last row read the last row again: their mma columns are never stored, so nothing
+// needs zero-filling.
+template <int kRowTiles, bool kFolded>
 struct Step {
-  uint4 w[kTilesPerStep];
-  uint4 scale_offset;  // tile 0: (s_g, o_g), (s_g+8, o_g+8); tile 1: the same
-  uint4 x[kRowTiles][2];
+  static constexpr int kTilesK = tiles_k(kFolded);
+  uint4 w[kTilesK][kTilesN];
+  uint4 scale_offset;  // output tile 0: (s_g, o_g), (s_g+8, o_g+8); tile 1 the same
+  uint4 x[kTilesK][kRowTiles][2];
 };
 
 __device__ __forceinline__ int lane_row(int r, int g, int rows) { return min(r * 8 + g, rows - 1); }
 
-template <int kRowTiles>
-__device__ __forceinline__ void load_x_global(uint4 (&x)[kRowTiles][2], const MatmulArgs& a, uint32_t k0, int g) {
+// x for a step whose first input tile starts at k0 - 16 t (this lane's 16 inputs of each tile).
+template <int kTilesK, int kRowTiles>
+__device__ __forceinline__ void load_x_global(uint4 (&x)[kTilesK][kRowTiles][2], const MatmulArgs& a, uint32_t k0,
+                                              int g) {
   const uint4 zero = make_uint4(0, 0, 0, 0);
 #pragma unroll
-  for (int r = 0; r < kRowTiles; ++r) {
-    const uint4* src = reinterpret_cast<const uint4*>(a.x + size_t(lane_row(r, g, a.rows)) * a.in_features + k0);
-    // in_features is a multiple of 8, so each 8-input half is wholly inside or wholly padding.
-    x[r][0] = k0 + 8 <= uint32_t(a.in_features) ? __ldg(src) : zero;
-    x[r][1] = k0 + 16 <= uint32_t(a.in_features) ? __ldg(src + 1) : zero;
-  }
-}
-
-template <int kRowTiles>
-__device__ __forceinline__ void load_x_shared(uint4 (&x)[kRowTiles][2], const half* xs, int x_stride, int rows,
-                                              uint32_t k0, int g) {
+  for (int kk = 0; kk < kTilesK; ++kk) {
+    const uint32_t k = k0 + kk * kTileK;
 #pragma unroll
-  for (int r = 0; r < kRowTiles; ++r) {
-    const uint4* src = reinterpret_cast<const uint4*>(xs + lane_row(r, g, rows) * x_stride + k0);
-    x[r][0] = src[0];
-    x[r][1] = src[1];
+    for (int r = 0; r < kRowTiles; ++r) {
+      const uint4* src = reinterpret_cast<const uint4*>(a.x + size_t(lane_row(r, g, a.rows)) * a.in_features + k);
+      // in_features is a multiple of 8, so each 8-input half is wholly inside or wholly padding.
+      x[kk][r][0] = k + 8 <= uint32_t(a.in_features) ? __ldg(src) : zero;
+      x[kk][r][1] = k + 16 <= uint32_t(a.in_features) ? __ldg(src + 1) : zero;
+    }
   }
 }
 
-// Mma step j covers inputs k0 + 4j .. k0 + 4j + 3 of this lane: activations 4j .. 4j + 3 of 16.
-template <int kRowTiles>
-__device__ __forceinline__ void activations(const Step<kRowTiles>& s, int r, int j, uint32_t& b0, uint32_t& b1) {
-  const uint4& x = s.x[r][j / 2];
+template <int kTilesK, int kRowTiles>
+__device__ __forceinline__ void load_x_shared(uint4 (&x)[kTilesK][kRowTiles][2], const half* xs, int x_stride,
+                                              int rows, uint32_t k0, int g) {
+#pragma unroll
+  for (int kk = 0; kk < kTilesK; ++kk) {
+#pragma unroll
+    for (int r = 0; r < kRowTiles; ++r) {
+      const uint4* src = reinterpret_cast<const uint4*>(xs + lane_row(r, g, rows) * x_stride + k0 + kk * kTileK);
+      x[kk][r][0] = src[0];
+      x[kk][r][1] = src[1];
+    }
+  }
+}
+
+// Mma step j of input tile kk covers inputs 4j .. 4j + 3 of this lane's 16 in that tile.
+template <int kRowTiles, bool kFolded>
+__device__ __forceinline__ void activations(const Step<kRowTiles, kFolded>& s, int kk, int r, int j, uint32_t& b0,
+                                            uint32_t& b1) {
+  const uint4& x = s.x[kk][r][j / 2];
   b0 = (j % 2) ? x.z : x.x;
   b1 = (j % 2) ? x.w : x.y;
 }
@@ -183,14 +208,17 @@ __device__ __forceinline__ uint32_t word(const uint4& w, int j) {
   return j == 0 ? w.x : j == 1 ? w.y : j == 2 ? w.z : w.w;
 }
 
-// Accumulators: [tile][activation row tile][set][c0..c3]; mma steps alternate between two sets.
-template <int kRowTiles>
-using Accumulators = float[kTilesPerStep][kRowTiles][2][4];
+// Accumulators: [output tile][activation row tile][set][c0..c3]. The per-weight path alternates its
+// mma steps between two sets so that mma chains stay short; a folded step keeps its chains in
+// temporaries and adds into one set.
+template <int kRowTiles, bool kFolded>
+using Accumulators = float[kTilesN][kRowTiles][kFolded ? 1 : 2][4];
 
+// The per-weight path: each word becomes scaled fp16 weights, then one mma.
 template <int kRowTiles>
-__device__ __forceinline__ void mma_step(const Step<kRowTiles>& s, Accumulators<kRowTiles>& acc) {
+__device__ __forceinline__ void per_weight_step(const Step<kRowTiles, false>& s, Accumulators<kRowTiles, false>& acc) {
 #pragma unroll
-  for (int tile = 0; tile < kTilesPerStep; ++tile) {
+  for (int tile = 0; tile < kTilesN; ++tile) {
     const __half2 so0 = as_half2(tile ? s.scale_offset.z : s.scale_offset.x);
     const __half2 so1 = as_half2(tile ? s.scale_offset.w : s.scale_offset.y);
     const __half2 scale0 = __low2half2(so0), offset0 = __high2half2(so0);
@@ -198,12 +226,72 @@ __device__ __forceinline__ void mma_step(const Step<kRowTiles>& s, Accumulators<
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       uint32_t a[4];
-      dequant_word(word(s.w[tile], j), scale0, offset0, scale1, offset1, a);
+      dequant_word(word(s.w[0][tile], j), scale0, offset0, scale1, offset1, a);
 #pragma unroll
       for (int r = 0; r < kRowTiles; ++r) {
         uint32_t b0, b1;
-        activations(s, r, j, b0, b1);
+        activations(s, 0, r, j, b0, b1);
         mma_16816(acc[tile][r][j % 2], a, b0, b1);
+      }
+    }
+  }
+}
+
+// The folded path, for a step whose 128 inputs share one group. Rows g of a tile hold 1024 + q and
+// rows g + 8 hold 1024 + 16 q (biased_word), exact in fp16, and so are their products with x, which the
+// mma sums in float32; the bias is then taken out as 1024 sum(x) in float32. `odd_rows`: whether
+// activation rows 2t + 1 (accumulators c1, c3) are real; at one row they are not, and skipping them
+// saves half of the fold.
+template <int kRowTiles>
+__device__ __forceinline__ void folded_step(const Step<kRowTiles, true>& s, Accumulators<kRowTiles, true>& acc,
+                                            bool odd_rows) {
+  constexpr int kTilesK = Step<kRowTiles, true>::kTilesK;
+  const uint32_t ones[4] = {0x3C003C00u, 0x3C003C00u, 0x3C003C00u, 0x3C003C00u};
+  // x_sum[r][set][e]: with A all ones every output row gets sum(x): e = 0, 2 of activation row 2t, 1, 3
+  // of row 2t + 1.
+  float x_sum[kRowTiles][2][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < kTilesK; ++kk) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int r = 0; r < kRowTiles; ++r) {
+        uint32_t b0, b1;
+        activations(s, kk, r, j, b0, b1);
+        mma_16816(x_sum[r][j % 2], ones, b0, b1);
+      }
+    }
+  }
+#pragma unroll
+  for (int tile = 0; tile < kTilesN; ++tile) {
+    float c[kRowTiles][2][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < kTilesK; ++kk) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t a[4];
+        biased_word(word(s.w[kk][tile], j), a);
+#pragma unroll
+        for (int r = 0; r < kRowTiles; ++r) {
+          uint32_t b0, b1;
+          activations(s, kk, r, j, b0, b1);
+          mma_16816(c[r][j % 2], a, b0, b1);
+        }
+      }
+    }
+    // (scale, offset) of output g and of output g + 8, whose levels came out 16 times larger.
+    const float2 so0 = __half22float2(as_half2(tile ? s.scale_offset.z : s.scale_offset.x));
+    float2 so1 = __half22float2(as_half2(tile ? s.scale_offset.w : s.scale_offset.y));
+    so1.x *= 0.0625f;
+#pragma unroll
+    for (int r = 0; r < kRowTiles; ++r) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if (e % 2 && !odd_rows) continue;
+        const float2 so = e < 2 ? so0 : so1;
+        const float sum = x_sum[r][0][e] + x_sum[r][1][e];
+        const float biased = c[r][0][e] + c[r][1][e];
+        acc[tile][r][0][e] = fmaf(so.x, fmaf(-1024.f, sum, biased), fmaf(so.y, sum, acc[tile][r][0][e]));
       }
     }
   }
@@ -307,8 +395,9 @@ __device__ __forceinline__ float low_rank_dot(const LowRankStage& stage, const M
 }
 
 // Position in a block's run of steps: slice (32 outputs; the block owns slices blockIdx.x,
-// blockIdx.x + gridDim.x, ...) and k_step; warp w handles input tile kt = w + k_step * kWarps
-// (empty past the last input tile), so all warps reach each slice's end together.
+// blockIdx.x + gridDim.x, ...) and k_step; warp w handles the step of input tiles kTilesK u ..
+// kTilesK (u + 1) - 1 with u = w + k_step * kWarps (none past the last input tile), so all warps reach
+// each slice's end together.
 struct StreamPos {
   int slice;
   int k_step;
@@ -321,52 +410,78 @@ __device__ __forceinline__ void advance(StreamPos& p, int k_steps) {
   }
 }
 
-// A warp's ring, this lane's entries: stage s holds its words of the two tiles at w[64 s] and
-// w[64 s + 32], and its scales at scale_offset[32 s]. Each lane reads back only what it copied
-// itself, so no barrier sits between the copy and the read.
+// A warp's ring, this lane's entries: stage s holds its words of the step's tiles at
+// w[32 (kStepTiles s + i)], i = kTilesN kk + tile, and its scales at scale_offset[32 s]. Each lane reads
+// back only what it copied itself, so no barrier sits between the copy and the read. The ring also keeps
+// where this lane's copies start in global memory, so that each step's addresses cost a few instructions.
+template <bool kFolded>
 struct Ring {
+  static constexpr int kTilesK = tiles_k(kFolded), kStepTiles = kTilesK * kTilesN;
   uint4* w;
   uint4* scale_offset;
+  const uint4* weights;  // this lane's first word of the warp's first step in slice 0
+  const uint4* scales;   // this lane's (scale, offset) entry of slice 0, group 0
+  uint32_t k0;           // the input whose group scales the warp's first step (later steps: + k_step 8 kTilesK 64)
+
+  // A folded step's scales are those of its first input, for all lanes: the mma sums every lane's inputs
+  // of a column, so each lane's result needs the step's one group, even where the inputs of some lane lie
+  // past the end of one group per row (zero activations there). The per-weight path scales each lane's
+  // own 16 inputs.
+  __device__ __forceinline__ Ring(uint4* shared, const MatmulArgs& a, int warp, int lane)
+      : w(shared + warp * kStages * 32 * kStepTiles + lane),
+        scale_offset(shared + kWarps * kStages * 32 * kStepTiles + warp * kStages * 32 + lane),
+        weights(a.weights + warp * 32 * kStepTiles + lane),
+        scales(a.scales + lane / 4),
+        k0(uint32_t(warp) * kTilesK * kTileK + (kFolded ? 0 : lane % 4 * 16)) {}
+
+  // Start copying this lane's share of step (slice, k_step) into stage `stage`.
+  __device__ __forceinline__ void issue(int stage, const MatmulArgs& a, int slice, int k_step) const {
+    const uint4* src = weights + (uint32_t(slice) * a.k_tiles + uint32_t(k_step) * kWarps * kTilesK) * 32 * kTilesN;
+#pragma unroll
+    for (int i = 0; i < kStepTiles; ++i) copy_bypassing_l1(w + 32 * (kStepTiles * stage + i), src + 32 * i);
+    const uint32_t group = __umulhi(k0 + uint32_t(k_step) * kWarps * kTilesK * kTileK, a.group_magic);
+    copy_through_l1(scale_offset + 32 * stage, scales + (uint32_t(slice) * a.groups_pad + group) * 8);
+  }
+
+  template <int kRowTiles>
+  __device__ __forceinline__ void read(int stage, Step<kRowTiles, kFolded>& s) const {
+#pragma unroll
+    for (int i = 0; i < kStepTiles; ++i) s.w[i / kTilesN][i % kTilesN] = w[32 * (kStepTiles * stage + i)];
+    s.scale_offset = scale_offset[32 * stage];
+  }
 };
 
-__device__ __forceinline__ Ring warp_ring(uint4* shared, int warp, int lane) {
-  uint4* scale_offset = shared + kWarps * kStages * 32 * kTilesPerStep;
-  return {shared + warp * kStages * 32 * kTilesPerStep + lane, scale_offset + warp * kStages * 32 + lane};
-}
-
-// Start copying this lane's share of step (slice, kt) into ring stage `stage`.
-__device__ __forceinline__ void issue_step(const Ring& ring, int stage, const MatmulArgs& a, int slice, int kt,
-                                           int lane) {
-  const int g = lane / 4, t = lane % 4;
-  const uint32_t group = __umulhi(uint32_t(kt) * kTileK + t * 16, a.group_magic);
-  const uint4* w = a.weights + (uint32_t(slice) * a.k_tiles + kt) * (32 * kTilesPerStep) + lane;
-  copy_bypassing_l1(ring.w + 64 * stage, w);
-  copy_bypassing_l1(ring.w + 64 * stage + 32, w + 32);
-  copy_through_l1(ring.scale_offset + 32 * stage, a.scales + (uint32_t(slice) * a.groups_pad + group) * 8 + g);
-}
-
 // Blocks per multiprocessor that the register allocation must leave room for. The grid holds as many
-// blocks as fit at once, and more blocks keep more loads in flight. With one row tile and x staged (the
-// decode step) three fit where x is small enough for three blocks' shared memory: the plain product
+// blocks as fit at once, and more blocks keep more loads in flight. On the per-weight path with one row
+// tile and x staged, three fit where x is small enough for three blocks' shared memory: the plain product
 // stays within the 80 registers that allows by itself, the LoRA variant is held to them (bench/NOTES.md).
-constexpr int min_blocks_per_sm(int row_tiles, bool staged) { return row_tiles == 1 && staged ? 3 : 2; }
+// The folded path's ring takes the shared memory of a third block.
+constexpr int min_blocks_per_sm(int row_tiles, bool staged, bool folded) {
+  return !folded && row_tiles == 1 && staged ? 3 : 2;
+}
 
 // kStaged: x (gathered through perm, if any) lives in shared memory after the rings; otherwise
 // lanes read it from global memory (L2), one step ahead. kLowRank: add the LoRA update; a kernel of
-// its own, so that the plain product keeps its registers and its speed.
-template <int kRowTiles, bool kStaged, bool kLowRank>
-__global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kStaged)) matmul_kernel(const MatmulArgs a) {
+// its own, so that the plain product keeps its registers and its speed. kFolded: each step's inputs
+// share one group (see the top of the file).
+template <int kRowTiles, bool kStaged, bool kLowRank, bool kFolded>
+__global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kStaged, kFolded))
+    matmul_kernel(const MatmulArgs a) {
+  static_assert(!kFolded || kRowTiles == 1, "the folded path takes at most 8 activation rows");
+  using Ring = q4::Ring<kFolded>;
+  constexpr int kTilesK = Ring::kTilesK;
   extern __shared__ uint4 dynamic_shared[];
   __shared__ float partial[kWarps][kSliceN][kRowTiles * 8];
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
   const int slices = (a.out_features + kSliceN - 1) / kSliceN;
-  const int k_steps = (a.k_tiles + kWarps - 1) / kWarps;
+  const int k_units = a.k_tiles / kTilesK;
+  const int k_steps = (k_units + kWarps - 1) / kWarps;
   const int steps = ((slices - 1 - int(blockIdx.x)) / int(gridDim.x) + 1) * k_steps;
-  const Ring ring = warp_ring(dynamic_shared, warp, lane);
+  const Ring ring(dynamic_shared, a, warp, lane);
   // Dynamic shared memory: the rings, the LoRA factors (if any), then x (if staged).
-  unsigned char* after_rings = reinterpret_cast<unsigned char*>(dynamic_shared) + kRingBytes;
+  unsigned char* after_rings = reinterpret_cast<unsigned char*>(dynamic_shared) + ring_bytes(kFolded);
   const LowRankStage low_rank = low_rank_stage(after_rings, a);
   half* xs = reinterpret_cast<half*>(after_rings + (kLowRank ? low_rank_bytes(a.rows, a.lora_rank, a.lora_parts) : 0));
 
@@ -374,8 +489,8 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kSta
   if (kLowRank) stage_low_rank_b(low_rank, a, blockIdx.x);
   StreamPos next{int(blockIdx.x), 0};
   for (int s = 0; s < kStages - 1; ++s) {
-    const int kt = warp + next.k_step * kWarps;
-    if (s < steps && kt < a.k_tiles) issue_step(ring, s, a, next.slice, kt, lane);
+    const int unit = warp + next.k_step * kWarps;
+    if (s < steps && unit < k_units) ring.issue(s, a, next.slice, next.k_step);
     commit_copies();  // empty groups too: wait_copies counts groups
     advance(next, k_steps);
   }
@@ -386,40 +501,48 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kSta
     __syncthreads();
   }
 
-  Step<kRowTiles> s;
-  uint4 x_ahead[kRowTiles][2];
-  if (!kStaged && warp < a.k_tiles) load_x_global(x_ahead, a, uint32_t(warp) * kTileK + t * 16, g);
+  Step<kRowTiles, kFolded> s;
+  uint4 x_ahead[kTilesK][kRowTiles][2];
+  if (!kStaged && warp < k_units) load_x_global(x_ahead, a, uint32_t(warp) * kTilesK * kTileK + t * 16, g);
+  const bool odd_rows = a.rows > 1;
   StreamPos cur{int(blockIdx.x), 0};
   int stage = 0;
-  Accumulators<kRowTiles> acc = {};
+  Accumulators<kRowTiles, kFolded> acc = {};
   // Once every block has issued its last copy, the next kernel may start its own prologue; letting
   // it start earlier measured slower, its blocks waiting beside ours for the whole kernel.
   const int last_issue = max(0, steps - (kStages - 1));
   for (int i = 0; i < steps; ++i) {
     if (i == last_issue) allow_next_kernel();
     wait_copies<kStages - 2>();  // this lane's copies for step i have landed
-    const int kt = warp + cur.k_step * kWarps;
-    s.w[0] = ring.w[64 * stage];
-    s.w[1] = ring.w[64 * stage + 32];
-    s.scale_offset = ring.scale_offset[32 * stage];
+    const int unit = warp + cur.k_step * kWarps;
+    ring.read(stage, s);
     // Refill the stage read one step ago, kStages - 1 steps ahead.
-    const int next_kt = warp + next.k_step * kWarps;
-    if (i + kStages - 1 < steps && next_kt < a.k_tiles)
-      issue_step(ring, stage == 0 ? kStages - 1 : stage - 1, a, next.slice, next_kt, lane);
+    const int next_unit = warp + next.k_step * kWarps;
+    if (i + kStages - 1 < steps && next_unit < k_units)
+      ring.issue(stage == 0 ? kStages - 1 : stage - 1, a, next.slice, next.k_step);
     commit_copies();
     advance(next, k_steps);
     stage = stage == kStages - 1 ? 0 : stage + 1;
 
     if (kStaged) {
-      if (kt < a.k_tiles) load_x_shared(s.x, xs, a.x_stride, a.rows, uint32_t(kt) * kTileK + t * 16, g);
+      if (unit < k_units) load_x_shared(s.x, xs, a.x_stride, a.rows, uint32_t(unit) * kTilesK * kTileK + t * 16, g);
     } else {
-      // x of the next step: the next input tile, or this warp's first one for the next slice.
+      // x of the next step: the next input tiles, or this warp's first ones for the next slice.
 #pragma unroll
-      for (int r = 0; r < kRowTiles; ++r) s.x[r][0] = x_ahead[r][0], s.x[r][1] = x_ahead[r][1];
-      const int ahead_kt = cur.k_step + 1 < k_steps ? kt + kWarps : warp;
-      if (i + 1 < steps && ahead_kt < a.k_tiles) load_x_global(x_ahead, a, uint32_t(ahead_kt) * kTileK + t * 16, g);
+      for (int kk = 0; kk < kTilesK; ++kk)
+#pragma unroll
+        for (int r = 0; r < kRowTiles; ++r) s.x[kk][r][0] = x_ahead[kk][r][0], s.x[kk][r][1] = x_ahead[kk][r][1];
+      const int ahead_unit = cur.k_step + 1 < k_steps ? unit + kWarps : warp;
+      if (i + 1 < steps && ahead_unit < k_units)
+        load_x_global(x_ahead, a, uint32_t(ahead_unit) * kTilesK * kTileK + t * 16, g);
     }
-    if (kt < a.k_tiles) mma_step(s, acc);
+    if (unit < k_units) {
+      if constexpr (kFolded) {
+        folded_step(s, acc, odd_rows);
+      } else {
+        per_weight_step(s, acc);
+      }
+    }
     if (cur.k_step + 1 < k_steps) {
       ++cur.k_step;
       continue;
@@ -429,17 +552,20 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kSta
     // first weights, which the waits above have seen land once k_steps >= kStages. Accumulator
     // c0..c3 of each mma: (output g, row 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
 #pragma unroll
-    for (int tile = 0; tile < kTilesPerStep; ++tile) {
+    for (int tile = 0; tile < kTilesN; ++tile) {
 #pragma unroll
       for (int r = 0; r < kRowTiles; ++r) {
-        float(&c)[2][4] = acc[tile][r];
-        const int o = tile * 16 + g, row = r * 8 + 2 * t;
-        partial[warp][o][row] = c[0][0] + c[1][0];
-        partial[warp][o][row + 1] = c[0][1] + c[1][1];
-        partial[warp][o + 8][row] = c[0][2] + c[1][2];
-        partial[warp][o + 8][row + 1] = c[0][3] + c[1][3];
+        float sums[4] = {};
 #pragma unroll
-        for (int e = 0; e < 8; ++e) c[e / 4][e % 4] = 0.f;
+        for (auto& set : acc[tile][r]) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sums[e] += set[e], set[e] = 0.f;
+        }
+        const int o = tile * 16 + g, row = r * 8 + 2 * t;
+        partial[warp][o][row] = sums[0];
+        partial[warp][o][row + 1] = sums[1];
+        partial[warp][o + 8][row] = sums[2];
+        partial[warp][o + 8][row + 1] = sums[3];
       }
     }
     if (kLowRank && k_steps < kStages) wait_copies<0>();
@@ -462,11 +588,11 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kSta
 
 // One lane of one tile per thread: decode 32 weights and write them to the dense [out, in] matrix.
 __global__ void dequantize_kernel(const DequantArgs a) {
-  const uint32_t lanes = uint32_t(a.slices) * a.k_tiles * kTilesPerStep * 32;
+  const uint32_t lanes = uint32_t(a.slices) * a.k_tiles * kTilesN * 32;
   const uint32_t id = blockIdx.x * blockDim.x + threadIdx.x;  // = ((slice k_tiles + kt) 2 + tile) 32 + lane
   if (id >= lanes) return;
-  const int lane = id % 32, tile = (id / 32) % kTilesPerStep, g = lane / 4, t = lane % 4;
-  const uint32_t slice_kt = id / (32 * kTilesPerStep);
+  const int lane = id % 32, tile = (id / 32) % kTilesN, g = lane / 4, t = lane % 4;
+  const uint32_t slice_kt = id / (32 * kTilesN);
   const int slice = slice_kt / a.k_tiles, kt = slice_kt % a.k_tiles;
   const uint32_t k0 = uint32_t(kt) * kTileK + t * 16;
 
@@ -495,9 +621,9 @@ __global__ void dequantize_kernel(const DequantArgs a) {
   }
 }
 
-template <int kRowTiles, bool kStaged, bool kLowRank>
+template <int kRowTiles, bool kStaged, bool kLowRank, bool kFolded>
 cudaError_t launch(const MatmulArgs& a, size_t shared_bytes, bool overlap, cudaStream_t stream) {
-  auto kernel = matmul_kernel<kRowTiles, kStaged, kLowRank>;
+  auto kernel = matmul_kernel<kRowTiles, kStaged, kLowRank, kFolded>;
   // Static plus dynamic shared memory above 48 KB needs an opt-in; the call is cheap, so it is
   // made on every launch rather than cached per device.
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes));
@@ -528,27 +654,37 @@ cudaError_t launch(const MatmulArgs& a, size_t shared_bytes, bool overlap, cudaS
   return cudaLaunchKernelEx(&config, kernel, a);
 }
 
+// Whether a product takes the folded path: its groups allow it and it has at most 8 rows.
+bool folded(bool groups_allow, int rows) { return groups_allow && rows <= 8; }
+
 size_t partial_bytes(int rows) { return size_t(kWarps) * kSliceN * (rows > 8 ? 16 : 8) * sizeof(float); }
 
 }  // namespace
 
-size_t max_staged_bytes(int rows, int rank, int parts) {
-  return kBlockSharedBudget - kRingBytes - partial_bytes(rows) - low_rank_bytes(rows, rank, parts);
+size_t max_staged_bytes(int rows, int rank, int parts, bool folded) {
+  return kBlockSharedBudget - ring_bytes(q4::folded(folded, rows)) - partial_bytes(rows) -
+         low_rank_bytes(rows, rank, parts);
 }
 
 cudaError_t matmul(const MatmulArgs& a, bool staged, bool overlap, cudaStream_t stream) {
-  const size_t bytes = kRingBytes + low_rank_bytes(a.rows, a.lora_rank, a.lora_parts) +
+  const size_t bytes = ring_bytes(folded(a.folded, a.rows)) + low_rank_bytes(a.rows, a.lora_rank, a.lora_parts) +
                        (staged ? size_t(a.rows) * a.x_stride * sizeof(half) : 0);
   using Launch = cudaError_t (*)(const MatmulArgs&, size_t, bool, cudaStream_t);
-  // [row tiles - 1][staged][low rank]
-  constexpr Launch kLaunches[2][2][2] = {
-      {{launch<1, false, false>, launch<1, false, true>}, {launch<1, true, false>, launch<1, true, true>}},
-      {{launch<2, false, false>, launch<2, false, true>}, {launch<2, true, false>, launch<2, true, true>}}};
-  return kLaunches[a.rows > 8][staged][a.lora_rank > 0](a, bytes, overlap, stream);
+  // [row tiles - 1][staged][low rank][folded]
+  constexpr Launch kLaunches[2][2][2][2] = {
+      {{{launch<1, false, false, false>, launch<1, false, false, true>},
+        {launch<1, false, true, false>, launch<1, false, true, true>}},
+       {{launch<1, true, false, false>, launch<1, true, false, true>},
+        {launch<1, true, true, false>, launch<1, true, true, true>}}},
+      {{{launch<2, false, false, false>, launch<2, false, false, false>},
+        {launch<2, false, true, false>, launch<2, false, true, false>}},
+       {{launch<2, true, false, false>, launch<2, true, false, false>},
+        {launch<2, true, true, false>, launch<2, true, true, false>}}}};
+  return kLaunches[a.rows > 8][staged][a.lora_rank > 0][folded(a.folded, a.rows)](a, bytes, overlap, stream);
 }
 
 cudaError_t dequantize(const DequantArgs& a, cudaStream_t stream) {
-  const uint32_t lanes = uint32_t(a.slices) * a.k_tiles * kTilesPerStep * 32;
+  const uint32_t lanes = uint32_t(a.slices) * a.k_tiles * kTilesN * 32;
   const int block = 256;
   dequantize_kernel<<<(lanes + block - 1) / block, block, 0, stream>>>(a);
   return cudaGetLastError();

@@ -21,6 +21,7 @@ struct MatmulArgs {
   int k_tiles;
   int groups_pad;
   uint32_t group_magic;   // group of input k = umulhi(k, group_magic)
+  bool folded;            // each warp step's 128 inputs share one group (q4_kernels.cu's folded path)
   half* y;                // [rows, out_features]
   int out_features;
   // A LoRA update added in the epilogue, y += h @ b^T, when rank > 0, with h the sum of `lora_parts`
@@ -47,8 +48,8 @@ struct DequantArgs {
 };
 
 // The most bytes of x that may be staged in shared memory for `rows` activation rows, beside a LoRA
-// update of rank `rank` (0 for none) whose h comes in `parts` partial sums.
-size_t max_staged_bytes(int rows, int rank, int parts);
+// update of rank `rank` (0 for none) whose h comes in `parts` partial sums, for the folded path or not.
+size_t max_staged_bytes(int rows, int rank, int parts, bool folded);
 
 // staged: gather x (through perm, if any) into shared memory first; needs rows * x_stride * 2 <=
 // max_staged_bytes(rows). overlap: launch as a programmatic dependent (sm_90+), so that the
