@@ -37,7 +37,7 @@ class EmbeddedTokens:
     table kept in CPU memory (model.embedding_device) is read on the host, and only the rows go over."""
 
     def __init__(self, model: Transformer, rows: int):
-        self.table = model.embed_tokens
+        self.model, self.table = model, model.embed_tokens
         device = model.segments[0].device
         self.in_graph = self.table.device == device
         shape = (rows, 1) if self.in_graph else (rows, 1, model.config.hidden_size)
@@ -51,11 +51,7 @@ class EmbeddedTokens:
         elif self.in_graph:
             self.buffer[:count, 0].copy_(tokens)
         else:
-            # From pinned memory the copy does not hold up the host; PyTorch's pinned-memory allocator hands that
-            # memory out again only once the copy from it has run.
-            rows = torch.empty(count, self.table.shape[1], dtype=self.table.dtype, pin_memory=True)
-            torch.index_select(self.table, 0, tokens, out=rows)
-            self.buffer[:count, 0].copy_(rows, non_blocking=True)
+            self.buffer[:count, 0].copy_(self.model.host_rows(tokens), non_blocking=True)
 
     def hidden(self, rows: int) -> torch.Tensor:
         """The hidden states [rows, 1, hidden] of the first `rows` tokens."""

@@ -278,12 +278,16 @@ class Transformer(nn.Module):
         table, device = self.embed_tokens, self.segments[0].device
         if table.device == device:
             return F.embedding(tokens.to(device), table)
-        # The table stays in CPU memory (embedding_device): the rows are taken there, into pinned memory, and only
-        # they cross to the GPU, at full speed and without holding up the CPU. PyTorch's pinned-memory allocator
-        # hands that memory out again only once the copy from it has run.
+        return self.host_rows(tokens).to(device, non_blocking=True)
+
+    def host_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The rows [*tokens.shape, hidden] of a table kept in CPU memory (embedding_device), gathered into pinned
+        memory, so that they cross to the GPU at full speed and without holding up the CPU. PyTorch's pinned-memory
+        allocator hands that memory out again only once the copy from it has run."""
+        table = self.embed_tokens
         rows = torch.empty(*tokens.shape, table.shape[1], dtype=table.dtype, pin_memory=True)
         torch.index_select(table, 0, tokens.cpu().flatten(), out=rows.view(-1, table.shape[1]))
-        return rows.to(device, non_blocking=True)
+        return rows
 
     def step(self, x: torch.Tensor, positions: torch.Tensor, cache_len: int, last_only: bool = True,
              causal: bool = False) -> torch.Tensor:
