@@ -1,6 +1,6 @@
 """Time the 4-bit CUDA kernel on Llama-2-7B layer shapes against this GPU's copy bandwidth.
 
-    python bench/q4_kernel.py [--group 128] [--rows 1 4 16]
+    python bench/q4_kernel.py [--group 128] [--rows 1 4 16] [--shapes 4096:4096 ...] [--variants default ...]
     ncu --clock-control none -k regex:matmul_kernel -s 10 -c 1 python bench/q4_kernel.py --profile 1
 
 Copy bandwidth: a 1 GiB device-to-device copy, counting bytes read plus bytes written.
@@ -32,6 +32,7 @@ SHAPES = [  # name, in_features, out_features
     ("down 11008x4096", 11008, 4096),
     ("qkv fused 4096x12288", 4096, 12288),
 ]
+VARIANTS = ["default", "x from global", "no overlap", "act-order", "group 32", "fp16 cuBLAS"]
 REPLAYS = 15
 LAUNCHES_PER_GRAPH = 400
 
@@ -104,9 +105,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--profile", type=int, metavar="SHAPE", help="only launch SHAPES[SHAPE] 20 times, for ncu")
     parser.add_argument("--mode", type=int, default=0)
+    parser.add_argument("--shapes", nargs="+", metavar="IN:OUT", help="time these shapes instead of Llama-2-7B's")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, help="which variants to time")
     args = parser.parse_args()
+    shapes = SHAPES if not args.shapes else [(f"{s.replace(':', 'x')}", *map(int, s.split(":"))) for s in args.shapes]
     if args.profile is not None:
-        _, in_features, out_features = SHAPES[args.profile]
+        _, in_features, out_features = shapes[args.profile]
         layer = random_prepared(in_features, out_features, args.group, act_order=False)
         x = torch.randn(args.rows[0], in_features, device="cuda").half()
         for _ in range(20):
@@ -125,15 +129,19 @@ def main() -> None:
 
     rows_table = []
     layer_us = {}
-    for name, in_features, out_features in SHAPES:
+    for name, in_features, out_features in shapes:
         base = random_prepared(in_features, out_features, args.group, act_order=False)
         count = max(2, math.ceil(3 * props.L2_cache_size / weight_bytes(base)))
         launches = count * math.ceil(LAUNCHES_PER_GRAPH / count)
         plain = copies_of(base, count)
-        permuted = copies_of(random_prepared(in_features, out_features, args.group, act_order=True), count)
-        group32 = copies_of(random_prepared(in_features, out_features, 32, act_order=False), count)
+        wanted = set(args.variants)
+        permuted = copies_of(random_prepared(in_features, out_features, args.group, act_order=True), count) \
+            if "act-order" in wanted else None
+        group32 = copies_of(random_prepared(in_features, out_features, 32, act_order=False), count) \
+            if "group 32" in wanted else None
         dense = [torch.randn(out_features, in_features, device="cuda").half()
-                 for _ in range(max(2, math.ceil(3 * props.L2_cache_size / (2 * in_features * out_features))))]
+                 for _ in range(max(2, math.ceil(3 * props.L2_cache_size / (2 * in_features * out_features))))] \
+            if "fp16 cuBLAS" in wanted else None
         for rows in args.rows:
             x = torch.randn(rows, in_features, device="cuda").half()
             y = torch.empty(rows, out_features, device="cuda", dtype=torch.float16)
@@ -141,22 +149,23 @@ def main() -> None:
             variants = [("default", plain, 0, True), ("x from global", plain, 1, True), ("no overlap", plain, 0, False)]
             if rows == 1:
                 variants += [("act-order", permuted, 0, True), ("group 32", group32, 0, True)]
-            for label, layers, mode, overlap in variants:
+            for label, layers, mode, overlap in [v for v in variants if v[0] in wanted]:
                 us = graph_time_us(lambda i: layers[i % count].matmul(x, y, mode=mode, overlap=overlap), launches)
                 moved = weight_bytes(layers[0]) + io_bytes
                 rows_table.append((name, rows, label, us, moved / us / 1e3, 100 * moved / us / 1e-6 / bandwidth))
                 if label == "default":
                     layer_us[(name, rows)] = us
-            us = graph_time_us(lambda i: torch.matmul(x, dense[i % len(dense)].t(), out=y), launches)
-            moved = 2 * in_features * out_features + io_bytes
-            rows_table.append((name, rows, "fp16 cuBLAS", us, moved / us / 1e3, 100 * moved / us / 1e-6 / bandwidth))
+            if dense is not None:
+                us = graph_time_us(lambda i: torch.matmul(x, dense[i % len(dense)].t(), out=y), launches)
+                moved = 2 * in_features * out_features + io_bytes
+                rows_table.append((name, rows, "fp16 cuBLAS", us, moved / us / 1e3, 100 * moved / us / 1e-6 / bandwidth))
         del plain, permuted, group32, dense
         torch.cuda.empty_cache()
 
     print(f"\n{'shape':<22} {'rows':>4}  {'variant':<18} {'us':>8} {'GB/s':>7} {'% copy':>7}")
     for name, rows, label, us, gbs, pct in rows_table:
         print(f"{name:<22} {rows:>4}  {label:<18} {us:>8.2f} {gbs:>7.0f} {pct:>6.1f}%")
-    for rows in args.rows:
+    for rows in args.rows if shapes is SHAPES and "default" in wanted else ():
         # One Llama-2-7B block: fused qkv, o, gate, up, down; 32 blocks, linear layers only.
         block = sum(layer_us[(n, rows)] for n in (SHAPES[3][0], SHAPES[0][0], SHAPES[1][0], SHAPES[1][0], SHAPES[2][0]))
         print(f"rows {rows}: Llama-2-7B linear layers {32 * block / 1e3:.2f} ms per step "

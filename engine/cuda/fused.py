@@ -292,6 +292,11 @@ def _kernels():
             low_rank_project_kernel)
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -393,6 +398,20 @@ def _project(x, a, h, norm=None, residual=None) -> None:
 
 ATTENTION_BLOCK = 64
 MAX_ROWS_PER_PROGRAM = 64
+MAX_SPLITS = 64
+
+
+def attention_splits(kv_heads: int, row_blocks: int, max_length: int, multiprocessors: int) -> int:
+    """How many parts the cache slots of each KV head and row block are split into, for a graph bucket of
+    `max_length` slots.
+
+    Long contexts take about 32 splits of 256 slots or more per KV head (fewer with many row blocks), so that
+    each program streams several blocks. Short ones would then get one program per KV head, too few to use
+    the GPU, each reading its blocks one after another: they take as many splits of one block each as give
+    every multiprocessor two programs."""
+    streaming = min(MAX_SPLITS, max_length // 256) // row_blocks
+    filling = min(-(-2 * multiprocessors // (kv_heads * row_blocks)), max_length // ATTENTION_BLOCK)
+    return max(1, streaming, filling)
 
 
 def decode_attention(q, keys, values, position, max_length: int) -> torch.Tensor:
@@ -437,8 +456,7 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
     rows = samples * group  # query rows per KV head
     rows_per_program = min(MAX_ROWS_PER_PROGRAM, max(16, _next_pow2(rows)))  # tl.dot needs 16 rows or more
     row_blocks = -(-rows // rows_per_program)
-    # About 32 splits of 256 slots or more per KV head at most; many row blocks need fewer splits.
-    splits = max(1, min(64, max_length // 256) // row_blocks)
+    splits = attention_splits(kv_heads, row_blocks, max_length, _multiprocessors(q.device))
     part_out = torch.empty(kv_heads * splits * rows, dim, device=q.device, dtype=torch.float32)
     part_max = torch.empty(kv_heads * splits * rows, device=q.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
