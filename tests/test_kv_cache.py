@@ -126,3 +126,16 @@ def test_quantized_caches_are_smaller_by_their_bits():
         sizes[kind] = cache.nbytes
     per_entry = {kind: size / (2 * 8 * 128 * 1024) for kind, size in sizes.items()}
     assert per_entry == {"full": 2, "q8": 1.125, "k8v4": math.fsum([1.125, 0.625]) / 2, "q4": 0.625}
+
+
+def test_decode_attention_splits_short_contexts_to_fill_the_gpu():
+    from engine.cuda.fused import MAX_SPLITS, attention_splits
+
+    # Llama-2-7B (32 KV heads) on 132 multiprocessors. A 256-slot bucket holds 4 blocks of 64 slots: 4 splits,
+    # though two programs per multiprocessor would take 9.
+    assert attention_splits(32, 1, 256, 132) == 4
+    assert attention_splits(32, 1, 1024, 132) == 9  # 2 * 132 / 32 programs per KV head, rounded up
+    assert attention_splits(32, 1, 8192, 132) == 32  # long contexts: a split per 256 slots
+    assert attention_splits(1, 1, 8192, 132) == MAX_SPLITS  # one KV head: never more than the merge expects
+    assert attention_splits(32, 4, 8192, 132) == 8  # many row blocks fill the GPU with fewer splits
+    assert attention_splits(8, 1, 64, 132) == 1

@@ -410,7 +410,7 @@ def attention_splits(kv_heads: int, row_blocks: int, max_length: int, multiproce
     the GPU, each reading its blocks one after another: they take as many splits of one block each as give
     every multiprocessor two programs."""
     streaming = min(MAX_SPLITS, max_length // 256) // row_blocks
-    filling = min(-(-2 * multiprocessors // (kv_heads * row_blocks)), max_length // ATTENTION_BLOCK)
+    filling = min(MAX_SPLITS, -(-2 * multiprocessors // (kv_heads * row_blocks)), max_length // ATTENTION_BLOCK)
     return max(1, streaming, filling)
 
 
