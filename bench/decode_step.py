@@ -16,7 +16,6 @@ import argparse
 import collections
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,24 +23,16 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.bench import decode_rate  # noqa: E402
 from engine.generator import Generator  # noqa: E402
-from engine.sampling import SamplingSettings, sample  # noqa: E402
 from engine.synthetic import synthetic_model  # noqa: E402
 
 STEPS = 64
 
 
-def loop_ms(generator: Generator, history: list[int], logits: torch.Tensor) -> float:
-    greedy = SamplingSettings(temperature=0)
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(STEPS):
-        token = sample(logits, history, greedy, None)
-        history.append(token)
-        logits = generator._forward([token], len(history) - 1)
-    torch.cuda.synchronize()
-    del history[-STEPS:]
-    return (time.perf_counter() - started) * 1e3 / STEPS
+def loop_ms(generator: Generator, context: int) -> float:
+    """The bench's own decode loop (engine.bench.decode_rate) after `context` tokens, per step."""
+    return 1e3 / decode_rate(generator, context, STEPS, runs=3)
 
 
 def replay_ms(graph: torch.cuda.CUDAGraph) -> float:
@@ -83,12 +74,8 @@ def main() -> None:
                              max_seq_len=max(args.contexts) + STEPS, kv_cache=args.kv_cache)
     generator = Generator(loaded)
     for context in args.contexts:
-        prompt = torch.randint(0, loaded.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
-        history = prompt.tolist()
-        logits, _ = generator.prefill(history)
-        loop_ms(generator, history, logits)  # captures the bucket's graph
-        loop = statistics.median(loop_ms(generator, history, logits) for _ in range(3))
-        graph = next(graphs for key, graphs in generator.graphs.graphs.items() if key[0] >= context + 1)[0][0]
+        loop = loop_ms(generator, context)  # its warm-up run captures the bucket's graph
+        graph = next(graphs for key, graphs in generator.graphs.graphs.items() if key[0] >= context + STEPS)[0][0]
         replay = replay_ms(graph)
         table = kernel_table(graph)
         kernels = sum(us for _, us in table.values()) / 1e3
