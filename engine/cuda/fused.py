@@ -42,9 +42,20 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, y_ptr, n, eps, ADD: tl.constexpr, BLOCK: tl.constexpr):
+    def follow_previous_kernel(PDL: tl.constexpr):
+        # Launched as a programmatic dependent (see _launch): let the next kernel in the stream start as soon
+        # as all of this one's programs run, then wait until the previous kernel's writes are visible. Every
+        # kernel calls this before it touches memory, so none reads or overwrites what an earlier one still uses.
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def rms_norm_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, y_ptr, n, eps, ADD: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):
         # Program row: y = RMSNorm(x), or with ADD, sum = x + r (rounded as the eager add rounds it) and
         # y = RMSNorm(sum).
+        follow_previous_kernel(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
@@ -124,10 +135,11 @@ def _kernels():
     @triton.jit
     def rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slot_ptr, keys_ptr, key_scales_ptr, values_ptr,
                           value_scales_ptr, q_heads, q_row_stride, kv_row_stride, row_slots, max_seq,
-                          HALF: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr):
+                          HALF: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr, PDL: tl.constexpr):
         # Program (row, head) of one position: rotate q in place; rotate k and store it with v in that
         # row's cache at the slot held in slot_ptr (row_slots: a row's slots over all its heads). q, k and v
         # may be views into one row of q, k and v.
+        follow_previous_kernel(PDL)
         row = tl.program_id(0)
         head = tl.program_id(1)
         i = tl.arange(0, HALF)
@@ -153,10 +165,11 @@ def _kernels():
 
     @triton.jit
     def silu_mul_kernel(gate_up_ptr, out_ptr, a_ptr, part_ptr, n, rank, PROJECT: tl.constexpr,
-                        RANK: tl.constexpr, BLOCK: tl.constexpr):
+                        RANK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         # Program (p, row): out = silu(gate) * up for entries p * BLOCK .. of the row, where a row of
         # gate_up holds gate and then up, n entries each. With PROJECT (one row), program p also stores
         # its entries' share of out @ a^T as partial sum p, which the next layer's 4-bit kernel adds up.
+        follow_previous_kernel(PDL)
         p = tl.program_id(0)
         row = tl.program_id(1)
         offsets = p * BLOCK + tl.arange(0, BLOCK)
@@ -175,11 +188,13 @@ def _kernels():
     def attention_parts_kernel(q_ptr, keys_ptr, key_scales_ptr, values_ptr, value_scales_ptr, length_ptr,
                                length_bias, part_out_ptr, part_max_ptr, part_sum_ptr, rows, q_row_stride, max_seq,
                                scale, splits, GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
-                               BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr):
+                               BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr,
+                               PDL: tl.constexpr):
         # Program (kv head, split, row block): the split's share of cache slots 0 .. length - 1 (length =
         # *length_ptr + length_bias) for ROWS query rows of that KV head, with an online softmax; the
         # merge kernel combines the parts. Query row r is head (kv head * GROUP + r % GROUP) of sample
         # r // GROUP, so one read of the cache serves a GQA group, or the same head of many samples.
+        follow_previous_kernel(PDL)
         kv_head = tl.program_id(0)
         split = tl.program_id(1)
         r = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
@@ -216,10 +231,11 @@ def _kernels():
                            splits,
                            q_ptr, own_keys_ptr, own_values_ptr, own_slot_ptr, own_row_stride, own_capacity, scale,
                            GROUP: tl.constexpr, DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                           OWN: tl.constexpr, BLOCK: tl.constexpr):
+                           OWN: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         # Program (kv head, query row): combine the splits' parts into the row's attention output. With
         # OWN, the row's sample also attends over its own slots 0 .. *own_slot_ptr (few: the tokens the
         # samples generated so far), folded in here as one more part.
+        follow_previous_kernel(PDL)
         kv_head = tl.program_id(0)
         r = tl.program_id(1)
         s = tl.arange(0, SPLITS_PAD)
@@ -264,11 +280,12 @@ def _kernels():
 
     @triton.jit
     def low_rank_project_kernel(x_ptr, r_ptr, sum_ptr, w_ptr, a_ptr, y_ptr, h_ptr, n, eps, NORM: tl.constexpr,
-                                ADD: tl.constexpr, BLOCK: tl.constexpr):
+                                ADD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         # h = y @ a^T for one row, where y is x, or with NORM its RMSNorm (with ADD, that of x + r). Program i
         # computes output i of h from a single load of y and of a's row i, so that each program waits for
         # memory once and the reads of a spread over many multiprocessors; with NORM, program 0 stores y
         # (and with ADD the sum) instead and the others are shifted by one.
+        follow_previous_kernel(PDL)
         i = tl.program_id(0) - NORM
         k = tl.arange(0, BLOCK)
         mask = k < n
@@ -297,6 +314,19 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def _overlaps(device: torch.device) -> bool:
+    """Whether kernels on this device launch as programmatic dependents (sm_90 and later): each may start
+    while the kernel before it finishes, and the 4-bit kernel after it may start loading its weights. A decode
+    step is hundreds of short kernels, and this hides much of the gap between them."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _launch(kernel, grid, device: torch.device, *args, **meta) -> None:
+    overlap = _overlaps(device)
+    kernel[grid](*args, **meta, PDL=overlap, launch_pdl=overlap)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
@@ -308,8 +338,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty_like(x2)
     r2, total = (x2, x2) if residual is None else (residual.reshape(x2.shape).contiguous(), torch.empty_like(x2))
-    kernel[(x2.shape[0],)](x2, r2, total, weight, y, x2.shape[1], eps, ADD=residual is not None,
-                           BLOCK=_next_pow2(x2.shape[1]))
+    _launch(kernel, (x2.shape[0],), x.device, x2, r2, total, weight, y, x2.shape[1], eps, ADD=residual is not None,
+            BLOCK=_next_pow2(x2.shape[1]))
     return y.view(x.shape) if residual is None else (total.view(x.shape), y.view(x.shape))
 
 
@@ -332,16 +362,17 @@ def rope_and_store(q, k, v, cos, sin, slot, keys, values) -> None:
         raise ValueError("rope_and_store needs rows of contiguous heads, and k and v laid out alike")
     (keys, key_scales, key_bits), (values, value_scales, value_bits) = keys, values
     _, cache_heads, slots = keys.shape[:3]
-    kernel[(rows, q_heads + kv_heads)](q, k, v, cos, sin, slot, keys, key_scales, values, value_scales, q_heads,
-                                       q.stride(0), k.stride(0), cache_heads * slots, slots, HALF=dim // 2,
-                                       KEY_BITS=key_bits, VALUE_BITS=value_bits)
+    _launch(kernel, (rows, q_heads + kv_heads), q.device, q, k, v, cos, sin, slot, keys, key_scales, values,
+            value_scales, q_heads, q.stride(0), k.stride(0), cache_heads * slots, slots, HALF=dim // 2,
+            KEY_BITS=key_bits, VALUE_BITS=value_bits)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate and up side by side in gate_up [..., 2 * n]."""
     gate_up, out, n = _gate_up_and_out(gate_up)
     rows = gate_up.numel() // (2 * n)
-    _kernels()[2][(-(-n // 1024), rows)](gate_up, out, out, out, n, 0, PROJECT=False, RANK=1, BLOCK=1024)
+    _launch(_kernels()[2], (-(-n // 1024), rows), out.device, gate_up, out, out, out, n, 0, PROJECT=False, RANK=1,
+            BLOCK=1024)
     return out
 
 
@@ -363,8 +394,8 @@ def silu_mul_project(gate_up: torch.Tensor, a: torch.Tensor):
     rank = a.shape[0]
     programs = -(-n // SILU_PROJECT_BLOCK)
     parts = torch.empty(programs, *out.shape[:-1], rank, device=out.device, dtype=torch.float32)
-    _kernels()[2][(programs, 1)](gate_up, out, a, parts, n, rank, PROJECT=True, RANK=_next_pow2(rank),
-                                 BLOCK=SILU_PROJECT_BLOCK, num_warps=8)
+    _launch(_kernels()[2], (programs, 1), out.device, gate_up, out, a, parts, n, rank, PROJECT=True,
+            RANK=_next_pow2(rank), BLOCK=SILU_PROJECT_BLOCK, num_warps=8)
     return out, parts
 
 
@@ -392,8 +423,8 @@ def _project(x, a, h, norm=None, residual=None) -> None:
     x = x.contiguous()
     weight, eps, y = norm if norm is not None else (x, 0.0, x)  # x stands in for the pointers left unused
     r, total = residual if residual is not None else (x, x)
-    _kernels()[5][(rank + (norm is not None),)](x, r, total, weight, a, y, h, n, eps, NORM=norm is not None,
-                                                ADD=residual is not None, BLOCK=_next_pow2(n), num_warps=8)
+    _launch(_kernels()[5], (rank + (norm is not None),), x.device, x, r, total, weight, a, y, h, n, eps,
+            NORM=norm is not None, ADD=residual is not None, BLOCK=_next_pow2(n), num_warps=8)
 
 
 ATTENTION_BLOCK = 64
@@ -462,12 +493,12 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
     part_sum = torch.empty_like(part_max)
     scale = dim**-0.5
     q_row_stride = q.stride(0)
-    parts_kernel[(kv_heads, splits, row_blocks)](
-        q, keys, key_scales, values, value_scales, length, length_bias, part_out, part_max, part_sum, rows,
-        q_row_stride, max_seq, scale, splits, GROUP=group, ROWS=rows_per_program, DIM=dim, BLOCK=ATTENTION_BLOCK,
-        KEY_BITS=key_bits, VALUE_BITS=value_bits)
+    _launch(parts_kernel, (kv_heads, splits, row_blocks), q.device,
+            q, keys, key_scales, values, value_scales, length, length_bias, part_out, part_max, part_sum, rows,
+            q_row_stride, max_seq, scale, splits, GROUP=group, ROWS=rows_per_program, DIM=dim, BLOCK=ATTENTION_BLOCK,
+            KEY_BITS=key_bits, VALUE_BITS=value_bits)
     own_keys, own_values, own_slot, own_row_stride, own_capacity = own if own is not None else (q, q, length, 0, 0)
-    merge_kernel[(kv_heads, rows)](
-        part_out, part_max, part_sum, out, rows, q_row_stride, q_heads * dim, splits, q, own_keys, own_values, own_slot,
-        own_row_stride, own_capacity, scale, GROUP=group, DIM=dim, SPLITS_PAD=max(2, _next_pow2(splits)),
-        OWN=own is not None, BLOCK=ATTENTION_BLOCK)
+    _launch(merge_kernel, (kv_heads, rows), q.device,
+            part_out, part_max, part_sum, out, rows, q_row_stride, q_heads * dim, splits, q, own_keys, own_values,
+            own_slot, own_row_stride, own_capacity, scale, GROUP=group, DIM=dim, SPLITS_PAD=max(2, _next_pow2(splits)),
+            OWN=own is not None, BLOCK=ATTENTION_BLOCK)
