@@ -9,7 +9,7 @@ import torch
 
 from .generator import Generator
 from .loader import LoadedModel
-from .sampling import SamplingSettings, sample
+from .sampling import SamplingSettings, draw
 
 
 def _sync(device: torch.device) -> None:
@@ -92,10 +92,11 @@ def decode_rate(generator: Generator, context: int, new_tokens: int, runs: int, 
         history = list(prompt)
         _sync(loaded.device)
         started = time.perf_counter()
-        for _ in range(new_tokens):
-            token = sample(logits, history, greedy, None)
-            history.append(token)
-            logits = generator._forward([token], len(history) - 1)
+        for _ in range(new_tokens):  # as Generator._run decodes: each step queued before its token is read
+            token = draw(logits, history, greedy, None)
+            logits = generator._forward(token.tensor, len(history))
+            history.append(token.id())
+            generator.cached.append(history[-1])
         _sync(loaded.device)
         if run:
             rates.append(new_tokens / (time.perf_counter() - started))

@@ -15,7 +15,7 @@ import torch
 
 from .graphs import GraphedDecoder
 from .loader import LoadedModel
-from .sampling import SamplingSettings, sample
+from .sampling import DrawnToken, SamplingSettings, draw, sample
 from .tokenizer import IncrementalDecoder
 
 # Prompt tokens per forward pass, which bounds activation memory on long prompts. On a GPU a 4-bit layer
@@ -108,8 +108,21 @@ class SampleDecoding:
         return bool(self.result.stop_reason)
 
     def advance(self, logits: torch.Tensor) -> str:
-        """Draw the next token from `logits` [vocab]; returns the text now safe to show (often empty)."""
-        token = sample(logits, self.history, self.request.settings, self.rng)
+        """Draw the next token from `logits` [vocab] and take it; returns the text now safe to show (often empty)."""
+        return self.accept(self.draw(logits).id())
+
+    def draw(self, logits: torch.Tensor) -> DrawnToken:
+        """The next token from `logits` [vocab], still being drawn on their device."""
+        return draw(logits, self.history, self.request.settings, self.rng)
+
+    @property
+    def last_token_due(self) -> bool:
+        """Whether the next token ends the sample whatever it is: it fills max_new_tokens or the context."""
+        return (len(self.result.token_ids) + 1 >= self.request.max_new_tokens
+                or len(self.history) + 1 >= self.max_seq_len)
+
+    def accept(self, token: int) -> str:
+        """Take the drawn token; returns the text now safe to show (often empty)."""
         if token in self.eos:
             return self._finish("eos")
         self.history.append(token)
@@ -158,12 +171,15 @@ class Generator:
         self.graphs = GraphedDecoder(self.model, self.max_seq_len) if graphed else None
 
     @torch.inference_mode()
-    def _forward(self, ids: list[int], start: int) -> torch.Tensor:
-        if self.graphs is not None and len(ids) == 1:
-            logits = self.graphs.step(ids[0], start, with_adapters=bool(self.loaded.adapters.mix))
+    def _forward(self, ids: list[int] | torch.Tensor, start: int) -> torch.Tensor:
+        """Logits after tokens `ids` at positions start... A tensor of ids may still be being drawn on the device: the
+        step is queued behind the draw, and `cached` ends before it until the caller, having read it, appends it."""
+        tokens = ids if torch.is_tensor(ids) else torch.tensor(ids)  # ids on the CPU: the model takes them to its table
+        if self.graphs is not None and len(tokens) == 1:
+            logits = self.graphs.step(tokens, start, with_adapters=bool(self.loaded.adapters.mix))
         else:
-            logits = self.model(torch.tensor([ids]), start)[0, -1]  # ids on the CPU: the model takes them to its table
-        self.cached = self.cached[:start] + list(ids)
+            logits = self.model(tokens.view(1, -1), start)[0, -1]
+        self.cached = self.cached[:start] + ([] if torch.is_tensor(ids) else list(ids))
         return logits
 
     def prefill(self, prompt_ids: list[int], adapters: dict[str, float] | None = None) -> tuple[torch.Tensor, int]:
@@ -204,9 +220,17 @@ class Generator:
             if cancel is not None and cancel.is_set():
                 text = decoding.cancel()
             else:
-                text = decoding.advance(logits)
-                if not decoding.finished:
-                    logits = self._forward(decoding.history[-1:], len(decoding.history) - 1)
+                # The step after the token is queued before the host reads it, so that the GPU never waits for
+                # the host. If the token then ends the sample (end of sequence, a stop string), that step
+                # was wasted.
+                token, position = decoding.draw(logits), len(decoding.history)
+                ahead = not decoding.last_token_due
+                if ahead:
+                    logits = self._forward(token.tensor, position)
+                value = token.id()
+                if ahead:
+                    self.cached.append(value)  # the step queued above wrote its keys and values at `position`
+                text = decoding.accept(value)
             if text:
                 yield text
         result.decode_seconds = time.perf_counter() - started

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cuda import fused
 from .model import Transformer
 
 SMALLEST_BUCKET = 256
@@ -33,29 +34,35 @@ class EmbeddedTokens:
     """A graph's token input on the model's first device, for up to `rows` tokens at one position each: `write`
     fills it before a replay, and `hidden`, called inside the capture, turns it into the first segment's input.
 
-    With the table on the GPU the graph looks the rows up itself, from token ids, which costs the host least. A
-    table kept in CPU memory (model.embedding_device) is read on the host, and only the rows go over."""
+    The buffer holds token ids, which may come straight from the device's own draw (sampling.draw), so that a
+    step can be queued before the host has read the token that feeds it. The graph looks the rows up itself:
+    in the table where it sits on the device, and from the pinned pages of a table kept in CPU memory
+    (model.embedding_device), which the GPU reads over the bus (fused.table_rows). Without Triton such a table's
+    rows are gathered on the host, which must then know the ids first."""
 
     def __init__(self, model: Transformer, rows: int):
         self.model, self.table = model, model.embed_tokens
         device = model.segments[0].device
-        self.in_graph = self.table.device == device
-        shape = (rows, 1) if self.in_graph else (rows, 1, model.config.hidden_size)
-        self.buffer = torch.zeros(shape, dtype=torch.long if self.in_graph else self.table.dtype, device=device)
+        self.rows_from_host = self.table.device != device and not fused.available()
+        shape = (rows, 1, model.config.hidden_size) if self.rows_from_host else (rows, 1)
+        self.buffer = torch.zeros(shape, dtype=self.table.dtype if self.rows_from_host else torch.long, device=device)
 
     def write(self, tokens: torch.Tensor) -> None:
-        """Take the next replay's tokens (ids [n] on the CPU) into the first n rows."""
+        """Take the next replay's tokens (ids [n], on the CPU or on a GPU) into the first n rows."""
         count = len(tokens)
-        if self.in_graph and count == 1:
-            self.buffer[0, 0].fill_(int(tokens[0]))  # the decode loop's one token goes by value: no copy
-        elif self.in_graph:
-            self.buffer[:count, 0].copy_(tokens)
+        if self.rows_from_host:
+            self.buffer[:count, 0].copy_(self.model.host_rows(tokens.cpu()), non_blocking=True)
+        elif tokens.device.type == "cpu" and count == 1:
+            self.buffer[0, 0].fill_(int(tokens[0]))  # by value: a copy from pageable memory would wait for the GPU
         else:
-            self.buffer[:count, 0].copy_(self.model.host_rows(tokens), non_blocking=True)
+            self.buffer[:count, 0].copy_(tokens)
 
     def hidden(self, rows: int) -> torch.Tensor:
         """The hidden states [rows, 1, hidden] of the first `rows` tokens."""
-        return F.embedding(self.buffer[:rows], self.table) if self.in_graph else self.buffer[:rows]
+        if self.rows_from_host:
+            return self.buffer[:rows]
+        ids = self.buffer[:rows]
+        return F.embedding(ids, self.table) if self.table.device == ids.device else fused.table_rows(self.table, ids)
 
 
 class GraphedDecoder:
@@ -100,12 +107,13 @@ class GraphedDecoder:
         return captured
 
     @torch.inference_mode()
-    def step(self, token: int, position: int, with_adapters: bool = False) -> torch.Tensor:
-        """Logits [vocab] after `token` at `position`; the returned tensor is reused by the next step.
+    def step(self, token: torch.Tensor, position: int, with_adapters: bool = False) -> torch.Tensor:
+        """Logits [vocab] after `token` (a one-element tensor of its id, on the CPU or on a GPU) at `position`; the
+        returned tensor is reused by the next step.
 
         `with_adapters` says whether the model applies LoRA adapters now: a graph records the adapters' kernels
         or not, so each bucket has a graph for either case."""
-        self.token.write(torch.tensor([token]))
+        self.token.write(token)
         for buffer in self.positions:
             buffer.fill_(position)
         bucket = bucket_for(position + 1, self.max_seq_len)

@@ -259,6 +259,10 @@ class Transformer(nn.Module):
         """
         devices = [layer.input_layernorm.weight.device for layer in self.layers]
         self.segments = segments_of(devices)
+        if self.embed_tokens.device != self.segments[0].device and not self.embed_tokens.is_pinned():
+            # A table kept in CPU memory is pinned, so that a graph-captured step's GPU can read its row
+            # (graphs.EmbeddedTokens).
+            self.embed_tokens.data = self.embed_tokens.data.pin_memory()
         for layer, device in zip(self.layers, devices):
             layer.self_attn.cache = KVCache(self.config.num_kv_heads, self.config.head_dim, max_seq_len, dtype, device,
                                             kind=kv_cache)

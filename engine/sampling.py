@@ -105,15 +105,41 @@ def _typical(logits: torch.Tensor, mass: float) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
 
 
-def sample(logits: torch.Tensor, history: list[int], settings: SamplingSettings,
-           rng: torch.Generator | None, allowed: list[int] | None = None) -> int:
-    """One token id from the logits [vocab] of the last position."""
+class DrawnToken:
+    """A token drawn on the logits' device, on its way to the host. On a GPU the copy is queued at once, behind
+    the draw, so that `id` waits for the draw alone, not for work queued after it (the next decode step, which
+    `tensor` can feed), as reading the tensor itself would."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor  # [1], the id
+        self._host, self._copied = tensor, None
+        if tensor.is_cuda:
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record(torch.cuda.current_stream(tensor.device))
+
+    def id(self) -> int:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return int(self._host)
+
+
+def draw(logits: torch.Tensor, history: list[int], settings: SamplingSettings,
+         rng: torch.Generator | None, allowed: list[int] | None = None) -> DrawnToken:
+    """One token from the logits [vocab] of the last position, drawn on their device without waiting for it."""
     logits = apply_penalties(logits.float(), history, settings)
     if allowed is not None:
         mask = torch.full_like(logits, float("-inf"))
         mask[torch.tensor(allowed, device=logits.device)] = 0.0
         logits = logits + mask
     if settings.temperature <= 0:
-        return int(torch.argmax(logits))
+        return DrawnToken(torch.argmax(logits).view(1))
     probs = torch.softmax(truncate(logits, settings), dim=-1)
-    return int(torch.multinomial(probs, 1, generator=rng))
+    return DrawnToken(torch.multinomial(probs, 1, generator=rng))
+
+
+def sample(logits: torch.Tensor, history: list[int], settings: SamplingSettings,
+           rng: torch.Generator | None, allowed: list[int] | None = None) -> int:
+    """One token id from the logits [vocab] of the last position."""
+    return draw(logits, history, settings, rng, allowed).id()

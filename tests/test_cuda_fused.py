@@ -185,3 +185,15 @@ def test_low_rank_project(rank, width):
     a = torch.randn(rank, width, device=CUDA, dtype=torch.float16) * width**-0.5
     reference = x.double() @ a.double().t()
     assert relative_error(fused.low_rank_project(x, a), reference) < 2e-3
+
+
+@pytest.mark.parametrize("width", [576, 4096, 5000])
+def test_table_rows_reads_a_pinned_table_in_cpu_memory(width):
+    table = torch.randn(1000, width, dtype=torch.float16).pin_memory()
+    ids = torch.randint(0, 1000, (5, 1), device=CUDA)
+    ids[0, 0] = 999  # the last row: the reads must reach the end of the table
+    rows = fused.table_rows(table, ids)
+    assert rows.device.type == "cuda" and rows.shape == (5, 1, width)
+    assert torch.equal(rows.cpu(), table[ids.cpu()])
+    with pytest.raises(ValueError, match="pinned"):
+        fused.table_rows(torch.randn(10, width, dtype=torch.float16), ids)

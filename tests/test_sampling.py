@@ -272,3 +272,21 @@ def test_prefix_reuse_reports_reused_tokens_and_changes_nothing(second_prompt):
     fresh = run(Generator(our_model()), second_ids, greedy, max_new_tokens=6, stop_on_eos=False)
     assert again.reused_tokens == expected and fresh.reused_tokens == 0
     assert again.token_ids == fresh.token_ids
+
+
+def test_a_reply_ended_by_a_stop_string_leaves_a_true_record_of_the_cache():
+    # Each decode step is queued before the host reads the token that feeds it, so the step after the token
+    # that completes a stop string runs too: the cache then holds that token, and the generator's record of
+    # the cache must say so, neither more nor less.
+    greedy = SamplingSettings(temperature=0)
+    ids = prompt_ids()
+    free = run(Generator(our_model()), ids, greedy, max_new_tokens=12, stop_on_eos=False)
+    generator = Generator(our_model())
+    stopped = run(generator, ids, greedy, max_new_tokens=12, stop_on_eos=False, stop_strings=[free.text.split()[1]])
+    assert stopped.stop_reason == "stop_string"
+    assert generator.cached == ids + stopped.token_ids
+    follow = ids + free.token_ids
+    again = run(generator, follow, greedy, max_new_tokens=4, stop_on_eos=False)
+    fresh = run(Generator(our_model()), follow, greedy, max_new_tokens=4, stop_on_eos=False)
+    assert again.reused_tokens == len(ids) + len(stopped.token_ids)
+    assert again.token_ids == fresh.token_ids

@@ -305,8 +305,18 @@ def _kernels():
             a = tl.load(a_ptr + i * n + k, mask=mask, other=0.0).to(tl.float32)
             tl.store(h_ptr + i, tl.sum(a * y, axis=0).to(h_ptr.dtype.element_ty))
 
+    @triton.jit
+    def table_rows_kernel(table_ptr, ids_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        # Program (r, p): entries p * BLOCK .. of row ids[r] of the table, into row r of out.
+        follow_previous_kernel(PDL)
+        r = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n
+        row = tl.load(ids_ptr + r)
+        tl.store(out_ptr + r * n + cols, tl.load(table_ptr + row * n + cols, mask=mask), mask=mask)
+
     return (rms_norm_kernel, rope_store_kernel, silu_mul_kernel, attention_parts_kernel, merge_parts_kernel,
-            low_rank_project_kernel)
+            low_rank_project_kernel, table_rows_kernel)
 
 
 @functools.cache
@@ -341,6 +351,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     _launch(kernel, (x2.shape[0],), x.device, x2, r2, total, weight, y, x2.shape[1], eps, ADD=residual is not None,
             BLOCK=_next_pow2(x2.shape[1]))
     return y.view(x.shape) if residual is None else (total.view(x.shape), y.view(x.shape))
+
+
+def table_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The rows [*ids.shape, hidden] of an embedding table for token ids on a GPU, gathered by that GPU. The table
+    may sit in pinned CPU memory, which the GPU reads over the bus: a decode step's row then crosses without
+    the host knowing the id, so the step can be queued before the token that feeds it has been drawn."""
+    if not (table.device == ids.device or (table.device.type == "cpu" and table.is_pinned())):
+        raise ValueError("table_rows reads a table on the ids' GPU or in pinned CPU memory")
+    n = table.shape[1]
+    out = table.new_empty(*ids.shape, n, device=ids.device)
+    _launch(_kernels()[6], (ids.numel(), -(-n // 1024)), ids.device, table, ids.contiguous(), out, n, BLOCK=1024)
+    return out
 
 
 def unquantized(tensor: torch.Tensor) -> tuple:
