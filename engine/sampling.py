@@ -54,6 +54,13 @@ def repetition_weights(history: list[int], settings: SamplingSettings) -> dict[i
     return weights
 
 
+def _to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A list as a tensor on `device`. A GPU gets it from pinned memory without waiting for its queue, where
+    the next decode step may already be (DrawnToken): a copy from pageable memory would wait for that step."""
+    pinned = device.type == "cuda"
+    return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(device, non_blocking=pinned)
+
+
 def apply_penalties(logits: torch.Tensor, history: list[int], settings: SamplingSettings) -> torch.Tensor:
     penalized = settings.repetition_penalty != 1.0 or settings.frequency_penalty or settings.presence_penalty
     window = settings.repetition_sustain + settings.repetition_decay
@@ -63,13 +70,15 @@ def apply_penalties(logits: torch.Tensor, history: list[int], settings: Sampling
     logits = logits.clone()
     if settings.repetition_penalty != 1.0:
         weights = repetition_weights(recent, settings)
-        ids = torch.tensor(list(weights), device=logits.device)
-        penalty = torch.tensor(list(weights.values()), device=logits.device, dtype=logits.dtype)
+        ids = _to_device(list(weights), logits.device)
+        penalty = _to_device(list(weights.values()), logits.device, logits.dtype)
         chosen = logits[ids]
         logits[ids] = torch.where(chosen > 0, chosen / penalty, chosen * penalty)
     if settings.frequency_penalty or settings.presence_penalty:
-        counts = torch.bincount(torch.tensor(recent, device=logits.device), minlength=logits.numel())
-        counts = counts[: logits.numel()].to(logits.dtype)
+        # Counted with index_add_: bincount on a GPU reads the largest id back to the host, which would wait.
+        counted = [token for token in recent if token < logits.numel()]
+        counts = torch.zeros_like(logits).index_add_(
+            0, _to_device(counted, logits.device), torch.ones(len(counted), dtype=logits.dtype, device=logits.device))
         logits -= counts * settings.frequency_penalty + (counts > 0).to(logits.dtype) * settings.presence_penalty
     return logits
 
@@ -131,7 +140,7 @@ def draw(logits: torch.Tensor, history: list[int], settings: SamplingSettings,
     logits = apply_penalties(logits.float(), history, settings)
     if allowed is not None:
         mask = torch.full_like(logits, float("-inf"))
-        mask[torch.tensor(allowed, device=logits.device)] = 0.0
+        mask[_to_device(allowed, logits.device)] = 0.0
         logits = logits + mask
     if settings.temperature <= 0:
         return DrawnToken(torch.argmax(logits).view(1))

@@ -7,7 +7,7 @@ import torch
 from engine import synthetic
 from engine.generator import Generator
 from engine.graphs import SMALLEST_BUCKET
-from engine.sampling import SamplingSettings
+from engine.sampling import SamplingSettings, draw
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -71,3 +71,23 @@ def test_device_tokens_feed_graphs_from_a_table_in_cpu_memory():
     with torch.inference_mode():
         expected = loaded.model(torch.tensor([ids]), 0, last_only=False)[0, 39:-1]
     torch.testing.assert_close(torch.stack(steps), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("settings", [
+    SamplingSettings(temperature=0),
+    SamplingSettings(temperature=0.8, top_k=40, top_p=0.9, min_p=0.02, typical=0.95, repetition_penalty=1.1,
+                     frequency_penalty=0.2, presence_penalty=0.1, seed=3),
+], ids=["greedy", "every-sampler"])
+def test_drawing_a_token_never_waits_for_the_gpu(settings):
+    # The next decode step is queued behind the draw: a draw that synchronized would wait for that step and
+    # leave the GPU idle while the host works.
+    logits = torch.randn(32000, device="cuda") * 3
+    rng = torch.Generator(device="cuda").manual_seed(1)
+    history = list(range(0, 900, 3)) + [31999]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        token = draw(logits, history, settings, rng)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert 0 <= token.id() < 32000
