@@ -515,10 +515,14 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
     part_sum = torch.empty_like(part_max)
     scale = dim**-0.5
     q_row_stride = q.stride(0)
+    # Where a 4-bit cache's blocks are unpacked in registers, Triton's prefetch stages only cost: with one stage
+    # a step over 8192 slots is 18% (q4) and 29% (k8v4) faster; an 8-bit cache gains 6% there but loses at
+    # short contexts, so it keeps them (bench/NOTES.md, session 8).
+    stages = 1 if min(key_bits, value_bits) == 4 else 3
     _launch(parts_kernel, (kv_heads, splits, row_blocks), q.device,
             q, keys, key_scales, values, value_scales, length, length_bias, part_out, part_max, part_sum, rows,
             q_row_stride, max_seq, scale, splits, GROUP=group, ROWS=rows_per_program, DIM=dim, BLOCK=ATTENTION_BLOCK,
-            KEY_BITS=key_bits, VALUE_BITS=value_bits)
+            KEY_BITS=key_bits, VALUE_BITS=value_bits, num_stages=stages)
     own_keys, own_values, own_slot, own_row_stride, own_capacity = own if own is not None else (q, q, length, 0, 0)
     _launch(merge_kernel, (kv_heads, rows), q.device,
             part_out, part_max, part_sum, out, rows, q_row_stride, q_heads * dim, splits, q, own_keys, own_values,
