@@ -85,7 +85,11 @@ class CacheTensor:
         if self.bits is None:
             self.data.index_copy_(2, positions, x)
             return
-        data, scales = quantize(x.to(self.dtype), self.bits)  # rounded to the dtype first, as the GPU kernel does
+        x = x.to(self.dtype)  # rounded to the dtype first, as the decode kernel's keys are
+        if fused.serves(x):  # one launch where PyTorch takes a dozen passes over float32 copies
+            fused.store_vectors(x, positions, self.kernel_args())
+            return
+        data, scales = quantize(x, self.bits)
         self.data.index_copy_(2, positions, data)
         self.scales.index_copy_(2, positions, scales)
 
@@ -93,6 +97,8 @@ class CacheTensor:
         """Slots 0 .. length - 1 in the model's dtype: a view, or a dequantized copy."""
         if self.bits is None:
             return self.data[:, :, :length]
+        if fused.serves(self.data):
+            return fused.load_slots(self.kernel_args(), length, self.dtype)
         return dequantize(self.data[:, :, :length], self.scales[:, :, :length], self.bits, self.dtype)
 
     def kernel_args(self, row: int | None = None) -> tuple:

@@ -97,10 +97,10 @@ def assert_stored_as_the_eager_path_stores(part, slot, x):
     if part.bits is None:
         assert relative_error(ours, x) < 2e-3
         return
-    reference = CacheTensor((1, x.shape[0], 1, x.shape[1]), part.bits, torch.float16, CUDA)
-    reference.write(x.half()[None, :, None], torch.zeros(1, dtype=torch.long, device=CUDA))
-    expected = reference.read(1)[0, :, 0].float()
-    level = reference.scales[0, :, 0, :, 0].float().repeat_interleave(QUANT_GROUP, -1)
+    reference = CacheTensor((1, x.shape[0], 1, x.shape[1]), part.bits, torch.float16, "cpu")  # PyTorch's quantizing
+    reference.write(x.half().cpu()[None, :, None], torch.zeros(1, dtype=torch.long))
+    expected = reference.read(1)[0, :, 0].float().to(CUDA)
+    level = reference.scales[0, :, 0, :, 0].float().repeat_interleave(QUANT_GROUP, -1).to(CUDA)
     off = (ours - expected).abs() > 1e-3 * expected.abs().max()
     assert off.float().mean() < 0.01 and ((ours - expected).abs() <= level * 1.01 + 1e-3)[off].all()
 
@@ -197,3 +197,21 @@ def test_table_rows_reads_a_pinned_table_in_cpu_memory(width):
     assert torch.equal(rows.cpu(), table[ids.cpu()])
     with pytest.raises(ValueError, match="pinned"):
         fused.table_rows(torch.randn(10, width, dtype=torch.float16), ids)
+
+
+@pytest.mark.parametrize("kind", ["q8", "k8v4", "q4"])
+def test_a_prompt_fills_and_reads_a_quantized_cache_as_pytorch_does(kind):
+    # A prompt's many positions in one launch each way, against cache.quantize and dequantize on the CPU: the
+    # same bytes stored, in slots out of order over two sequences, and the same entries read back.
+    batch, kv_heads, slots, dim, length = 2, 3, 300, 128, 200
+    x = torch.randn(batch, kv_heads, length, dim, dtype=torch.float16) * 3
+    positions = torch.randperm(slots, generator=torch.Generator().manual_seed(0))[:length]
+    for bits in set(KV_CACHE_KINDS[kind]):
+        ours = CacheTensor((batch, kv_heads, slots, dim), bits, torch.float16, CUDA)
+        reference = CacheTensor((batch, kv_heads, slots, dim), bits, torch.float16, "cpu")
+        ours.write(x.to(CUDA), positions.to(CUDA))
+        reference.write(x, positions)
+        assert torch.equal(ours.data.cpu(), reference.data) and torch.equal(ours.scales.cpu(), reference.scales)
+        read = ours.read(250)
+        assert read.shape == (batch, kv_heads, 250, dim)
+        torch.testing.assert_close(read.cpu(), reference.read(250), rtol=2e-3, atol=1e-3)

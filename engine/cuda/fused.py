@@ -306,6 +306,32 @@ def _kernels():
             tl.store(h_ptr + i, tl.sum(a * y, axis=0).to(h_ptr.dtype.element_ty))
 
     @triton.jit
+    def store_vectors_kernel(x_ptr, positions_ptr, data_ptr, scales_ptr, length, max_seq, HALF: tl.constexpr,
+                             BITS: tl.constexpr, PDL: tl.constexpr):
+        # Program (row, t): vector t of row `row` (one KV head of one sequence) of x [rows, length, 2 * HALF],
+        # quantized into slot positions[t] of that row's cache.
+        follow_previous_kernel(PDL)
+        row = tl.program_id(0)
+        t = tl.program_id(1)
+        i = tl.arange(0, HALF)
+        source = x_ptr + (row * length + t) * 2 * HALF
+        store_head(data_ptr, scales_ptr, row * max_seq + tl.load(positions_ptr + t), tl.load(source + i).to(tl.float32),
+                   tl.load(source + HALF + i).to(tl.float32), BITS, HALF)
+
+    @triton.jit
+    def load_slots_kernel(data_ptr, scales_ptr, out_ptr, length, max_seq, DIM: tl.constexpr, BITS: tl.constexpr,
+                          BLOCK: tl.constexpr, PDL: tl.constexpr):
+        # Program (row, p): slots p * BLOCK .. of row `row`'s cache, dequantized into out [rows, length, DIM].
+        follow_previous_kernel(PDL)
+        row = tl.program_id(0)
+        n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = n < length
+        vectors = load_vectors(data_ptr, scales_ptr, row * max_seq + n, valid, BITS, DIM, BLOCK)
+        d = tl.arange(0, DIM)
+        tl.store(out_ptr + (row * length + n)[:, None] * DIM + d[None, :], vectors.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None])
+
+    @triton.jit
     def table_rows_kernel(table_ptr, ids_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
         # Program (r, p): entries p * BLOCK .. of row ids[r] of the table, into row r of out.
         follow_previous_kernel(PDL)
@@ -316,7 +342,7 @@ def _kernels():
         tl.store(out_ptr + r * n + cols, tl.load(table_ptr + row * n + cols, mask=mask), mask=mask)
 
     return (rms_norm_kernel, rope_store_kernel, silu_mul_kernel, attention_parts_kernel, merge_parts_kernel,
-            low_rank_project_kernel, table_rows_kernel)
+            low_rank_project_kernel, table_rows_kernel, store_vectors_kernel, load_slots_kernel)
 
 
 @functools.cache
@@ -362,6 +388,28 @@ def table_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     n = table.shape[1]
     out = table.new_empty(*ids.shape, n, device=ids.device)
     _launch(_kernels()[6], (ids.numel(), -(-n // 1024)), ids.device, table, ids.contiguous(), out, n, BLOCK=1024)
+    return out
+
+
+def store_vectors(x: torch.Tensor, positions: torch.Tensor, cache: tuple) -> None:
+    """Quantize x [batch, kv_heads, length, head_dim] into slots `positions` [length] of a quantized cache tensor,
+    (data [batch, kv_heads, slots, ...], scales, bits) as cache.CacheTensor.kernel_args gives it, as cache.quantize
+    would: a prompt's keys or values in one launch."""
+    data, scales, bits = cache
+    batch, kv_heads, length, dim = x.shape
+    _launch(_kernels()[7], (batch * kv_heads, length), x.device, x.contiguous(), positions, data, scales, length,
+            data.shape[2], HALF=dim // 2, BITS=bits)
+
+
+def load_slots(cache: tuple, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Slots 0 .. length - 1 of a quantized cache tensor (as store_vectors takes it), dequantized to dtype
+    [batch, kv_heads, length, head_dim] as cache.dequantize would: what a prompt attends over."""
+    data, scales, bits = cache
+    batch, kv_heads, slots, packed = data.shape
+    dim = packed * 8 // bits
+    out = torch.empty(batch, kv_heads, length, dim, dtype=dtype, device=data.device)
+    _launch(_kernels()[8], (batch * kv_heads, -(-length // 64)), data.device, data, scales, out, length, slots,
+            DIM=dim, BITS=bits, BLOCK=64)
     return out
 
 
