@@ -108,7 +108,9 @@ def test_decoding_after_a_prompt_reads_its_cache():
         q8.model(ids[:, :4], 0)
         steps = torch.stack([q8.model(ids[:, i:i + 1], i)[0, -1] for i in range(4, ids.shape[1])])
     assert torch.equal(steps.argmax(-1), whole.argmax(-1))
-    assert (steps - whole).abs().max() < 0.02 * whole.abs().max()
+    # Measured with the default model: the quantizing and float noise came to 0.018 of the largest logit on one
+    # machine and 0.022 on another; a slot one off either way, to 0.74 and 0.88.
+    assert (steps - whole).abs().max() < 0.05 * whole.abs().max()
 
 
 def test_a_head_size_the_quantized_cache_cannot_take_is_one_error_line(tmp_path, capsys):
