@@ -172,8 +172,9 @@ class Generator:
 
     @torch.inference_mode()
     def _forward(self, ids: list[int] | torch.Tensor, start: int) -> torch.Tensor:
-        """Logits after tokens `ids` at positions start... A tensor of ids may still be being drawn on the device: the
-        step is queued behind the draw, and `cached` ends before it until the caller, having read it, appends it."""
+        """Logits after tokens `ids` placed from position `start` on. A tensor of ids may still be being drawn on the
+        device: the step is queued behind the draw, and `cached` ends before it until the caller, having read
+        the id, appends it."""
         tokens = ids if torch.is_tensor(ids) else torch.tensor(ids)  # ids on the CPU: the model takes them to its table
         if self.graphs is not None and len(tokens) == 1:
             logits = self.graphs.step(tokens, start, with_adapters=bool(self.loaded.adapters.mix))

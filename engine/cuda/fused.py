@@ -1,6 +1,7 @@
 """Fused Triton kernels for the decode step: RMSNorm, RoPE with the KV-cache write, SiLU-multiply, decode
-attention, for one sequence or for n samples sharing a context (bifurcated attention), and the first
-product of a LoRA update.
+attention, for one sequence or for n samples sharing a context (bifurcated attention), the first
+product of a LoRA update, and the row lookup in an embedding table kept in CPU memory; and for prompts, the
+write and read of a quantized KV cache.
 
 At batch 1 every small PyTorch op is a kernel of a few microseconds, and a Llama layer has dozens of
 them; these kernels do each job in one launch. Attention reads the valid length from a tensor, so a
@@ -15,6 +16,7 @@ Importing this module needs Triton, which comes with CUDA builds of PyTorch; cal
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 
@@ -341,8 +343,11 @@ def _kernels():
         row = tl.load(ids_ptr + r)
         tl.store(out_ptr + r * n + cols, tl.load(table_ptr + row * n + cols, mask=mask), mask=mask)
 
-    return (rms_norm_kernel, rope_store_kernel, silu_mul_kernel, attention_parts_kernel, merge_parts_kernel,
-            low_rank_project_kernel, table_rows_kernel, store_vectors_kernel, load_slots_kernel)
+    return types.SimpleNamespace(
+        rms_norm=rms_norm_kernel, rope_store=rope_store_kernel, silu_mul=silu_mul_kernel,
+        attention_parts=attention_parts_kernel, merge_parts=merge_parts_kernel,
+        low_rank_project=low_rank_project_kernel, table_rows=table_rows_kernel, store_vectors=store_vectors_kernel,
+        load_slots=load_slots_kernel)
 
 
 @functools.cache
@@ -370,7 +375,7 @@ def _next_pow2(n: int) -> int:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """RMSNorm of x; with `residual`, (x + residual, the RMSNorm of that) from one launch: the residual
     stream's add and the norm that follows it."""
-    kernel = _kernels()[0]
+    kernel = _kernels().rms_norm
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.empty_like(x2)
     r2, total = (x2, x2) if residual is None else (residual.reshape(x2.shape).contiguous(), torch.empty_like(x2))
@@ -387,7 +392,8 @@ def table_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         raise ValueError("table_rows reads a table on the ids' GPU or in pinned CPU memory")
     n = table.shape[1]
     out = table.new_empty(*ids.shape, n, device=ids.device)
-    _launch(_kernels()[6], (ids.numel(), -(-n // 1024)), ids.device, table, ids.contiguous(), out, n, BLOCK=1024)
+    _launch(_kernels().table_rows, (ids.numel(), -(-n // 1024)), ids.device, table, ids.contiguous(), out, n,
+            BLOCK=1024)
     return out
 
 
@@ -397,8 +403,8 @@ def store_vectors(x: torch.Tensor, positions: torch.Tensor, cache: tuple) -> Non
     would: a prompt's keys or values in one launch."""
     data, scales, bits = cache
     batch, kv_heads, length, dim = x.shape
-    _launch(_kernels()[7], (batch * kv_heads, length), x.device, x.contiguous(), positions, data, scales, length,
-            data.shape[2], HALF=dim // 2, BITS=bits)
+    _launch(_kernels().store_vectors, (batch * kv_heads, length), x.device, x.contiguous(), positions, data, scales,
+            length, data.shape[2], HALF=dim // 2, BITS=bits)
 
 
 def load_slots(cache: tuple, length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -408,8 +414,8 @@ def load_slots(cache: tuple, length: int, dtype: torch.dtype) -> torch.Tensor:
     batch, kv_heads, slots, packed = data.shape
     dim = packed * 8 // bits
     out = torch.empty(batch, kv_heads, length, dim, dtype=dtype, device=data.device)
-    _launch(_kernels()[8], (batch * kv_heads, -(-length // 64)), data.device, data, scales, out, length, slots,
-            DIM=dim, BITS=bits, BLOCK=64)
+    _launch(_kernels().load_slots, (batch * kv_heads, -(-length // 64)), data.device, data, scales, out, length,
+            slots, DIM=dim, BITS=bits, BLOCK=64)
     return out
 
 
@@ -425,7 +431,7 @@ def rope_and_store(q, k, v, cos, sin, slot, keys, values) -> None:
     (data [rows, kv_heads, slots, ...], scales, bits) as cache.CacheTensor.kernel_args gives them. cos and sin
     are the position's rows of the rotary tables. Rows may lie apart (views into stacked q, k and v); heads
     must be contiguous within a row."""
-    kernel = _kernels()[1]
+    kernel = _kernels().rope_store
     rows, q_heads, dim = q.shape
     kv_heads = k.shape[1]
     if k.stride() != v.stride() or q.stride()[1:] != (dim, 1) or k.stride()[1:] != (dim, 1):
@@ -441,8 +447,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate and up side by side in gate_up [..., 2 * n]."""
     gate_up, out, n = _gate_up_and_out(gate_up)
     rows = gate_up.numel() // (2 * n)
-    _launch(_kernels()[2], (-(-n // 1024), rows), out.device, gate_up, out, out, out, n, 0, PROJECT=False, RANK=1,
-            BLOCK=1024)
+    _launch(_kernels().silu_mul, (-(-n // 1024), rows), out.device, gate_up, out, out, out, n, 0, PROJECT=False,
+            RANK=1, BLOCK=1024)
     return out
 
 
@@ -464,7 +470,7 @@ def silu_mul_project(gate_up: torch.Tensor, a: torch.Tensor):
     rank = a.shape[0]
     programs = -(-n // SILU_PROJECT_BLOCK)
     parts = torch.empty(programs, *out.shape[:-1], rank, device=out.device, dtype=torch.float32)
-    _launch(_kernels()[2], (programs, 1), out.device, gate_up, out, a, parts, n, rank, PROJECT=True,
+    _launch(_kernels().silu_mul, (programs, 1), out.device, gate_up, out, a, parts, n, rank, PROJECT=True,
             RANK=_next_pow2(rank), BLOCK=SILU_PROJECT_BLOCK, num_warps=8)
     return out, parts
 
@@ -493,8 +499,8 @@ def _project(x, a, h, norm=None, residual=None) -> None:
     x = x.contiguous()
     weight, eps, y = norm if norm is not None else (x, 0.0, x)  # x stands in for the pointers left unused
     r, total = residual if residual is not None else (x, x)
-    _launch(_kernels()[5], (rank + (norm is not None),), x.device, x, r, total, weight, a, y, h, n, eps,
-            NORM=norm is not None, ADD=residual is not None, BLOCK=_next_pow2(n), num_warps=8)
+    _launch(_kernels().low_rank_project, (rank + (norm is not None),), x.device, x, r, total, weight, a, y, h, n,
+            eps, NORM=norm is not None, ADD=residual is not None, BLOCK=_next_pow2(n), num_warps=8)
 
 
 ATTENTION_BLOCK = 64
@@ -549,7 +555,7 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
     """Attention of q [n, q_heads, dim] over slots 0..length + length_bias - 1 of keys / values (data [kv_heads,
     slots, ...], scales, bits) into out [n, q_heads, dim] (contiguous); with `own`, each sample also attends over
     its own cache. q's rows may lie apart, as views into stacked q, k and v do."""
-    parts_kernel, merge_kernel = _kernels()[3:5]
+    kernels = _kernels()
     (keys, key_scales, key_bits), (values, value_scales, value_bits) = keys, values
     samples, q_heads, dim = q.shape
     kv_heads, max_seq = keys.shape[0], keys.shape[1]
@@ -567,12 +573,12 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
     # a step over 8192 slots is 18% (q4) and 29% (k8v4) faster; an 8-bit cache gains 6% there but loses at
     # short contexts, so it keeps them (bench/NOTES.md, session 8).
     stages = 1 if min(key_bits, value_bits) == 4 else 3
-    _launch(parts_kernel, (kv_heads, splits, row_blocks), q.device,
+    _launch(kernels.attention_parts, (kv_heads, splits, row_blocks), q.device,
             q, keys, key_scales, values, value_scales, length, length_bias, part_out, part_max, part_sum, rows,
             q_row_stride, max_seq, scale, splits, GROUP=group, ROWS=rows_per_program, DIM=dim, BLOCK=ATTENTION_BLOCK,
             KEY_BITS=key_bits, VALUE_BITS=value_bits, num_stages=stages)
     own_keys, own_values, own_slot, own_row_stride, own_capacity = own if own is not None else (q, q, length, 0, 0)
-    _launch(merge_kernel, (kv_heads, rows), q.device,
+    _launch(kernels.merge_parts, (kv_heads, rows), q.device,
             part_out, part_max, part_sum, out, rows, q_row_stride, q_heads * dim, splits, q, own_keys, own_values,
             own_slot, own_row_stride, own_capacity, scale, GROUP=group, DIM=dim, SPLITS_PAD=max(2, _next_pow2(splits)),
             OWN=own is not None, BLOCK=ATTENTION_BLOCK)
