@@ -93,10 +93,8 @@ def decode_rate(generator: Generator, context: int, new_tokens: int, runs: int, 
         _sync(loaded.device)
         started = time.perf_counter()
         for _ in range(new_tokens):  # as Generator._run decodes: each step queued before its token is read
-            token = draw(logits, history, greedy, None)
-            logits = generator._forward(token.tensor, len(history))
-            history.append(token.id())
-            generator.cached.append(history[-1])
+            logits, token_id = generator._forward_drawn(draw(logits, history, greedy, None), len(history))
+            history.append(token_id)
         _sync(loaded.device)
         if run:
             rates.append(new_tokens / (time.perf_counter() - started))

@@ -102,11 +102,12 @@ class CacheTensor:
         return dequantize(self.data[:, :, :length], self.scales[:, :, :length], self.bits, self.dtype)
 
     def kernel_args(self, row: int | None = None) -> tuple:
-        """(data, scales, bits) for the fused kernels, of one batch row or of all; scales stand in for
-        themselves as data when there are none, an unused pointer."""
+        """(data, scales, bits) for the fused kernels, of one batch row or of all (fused.unquantized where the
+        entries are in the model's dtype)."""
         data = self.data if row is None else self.data[row]
-        scales = data if self.scales is None else (self.scales if row is None else self.scales[row])
-        return data, scales, self.bits or 16
+        if self.scales is None:
+            return fused.unquantized(data)
+        return data, self.scales if row is None else self.scales[row], self.bits
 
 
 class KVCache:

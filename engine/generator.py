@@ -173,8 +173,7 @@ class Generator:
     @torch.inference_mode()
     def _forward(self, ids: list[int] | torch.Tensor, start: int) -> torch.Tensor:
         """Logits after tokens `ids` placed from position `start` on. A tensor of ids may still be being drawn on the
-        device: the step is queued behind the draw, and `cached` ends before it until the caller, having read
-        the id, appends it."""
+        device (see _forward_drawn): `cached` then ends before it."""
         tokens = ids if torch.is_tensor(ids) else torch.tensor(ids)  # ids on the CPU: the model takes them to its table
         if self.graphs is not None and len(tokens) == 1:
             logits = self.graphs.step(tokens, start, with_adapters=bool(self.loaded.adapters.mix))
@@ -182,6 +181,13 @@ class Generator:
             logits = self.model(tokens.view(1, -1), start)[0, -1]
         self.cached = self.cached[:start] + ([] if torch.is_tensor(ids) else list(ids))
         return logits
+
+    def _forward_drawn(self, token: DrawnToken, position: int) -> tuple[torch.Tensor, int]:
+        """(logits, the token's id) after a token still being drawn on the device, placed at `position`. The step
+        is queued behind the draw before the host waits for the id, so that the GPU never waits for the host."""
+        logits = self._forward(token.tensor, position)
+        self.cached.append(token.id())  # the step wrote its keys and values at `position`
+        return logits, self.cached[-1]
 
     def prefill(self, prompt_ids: list[int], adapters: dict[str, float] | None = None) -> tuple[torch.Tensor, int]:
         """Logits after the prompt with these LoRA adapters applied (name -> weight), and how many of its
@@ -221,17 +227,14 @@ class Generator:
             if cancel is not None and cancel.is_set():
                 text = decoding.cancel()
             else:
-                # The step after the token is queued before the host reads it, so that the GPU never waits for
-                # the host. If the token then ends the sample (end of sequence, a stop string), that step
-                # was wasted.
-                token, position = decoding.draw(logits), len(decoding.history)
-                ahead = not decoding.last_token_due
-                if ahead:
-                    logits = self._forward(token.tensor, position)
-                value = token.id()
-                if ahead:
-                    self.cached.append(value)  # the step queued above wrote its keys and values at `position`
-                text = decoding.accept(value)
+                # The step after the token runs ahead of the host (_forward_drawn) unless the token is sure to
+                # end the sample. If it ends it anyway (end of sequence, a stop string), that step was wasted.
+                token = decoding.draw(logits)
+                if decoding.last_token_due:
+                    text = decoding.accept(token.id())
+                else:
+                    logits, token_id = self._forward_drawn(token, len(decoding.history))
+                    text = decoding.accept(token_id)
             if text:
                 yield text
         result.decode_seconds = time.perf_counter() - started

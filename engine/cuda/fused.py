@@ -420,8 +420,8 @@ def load_slots(cache: tuple, length: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def unquantized(tensor: torch.Tensor) -> tuple:
-    """A cache tensor in the model's dtype as the kernels take caches: (data, scales, bits), see
-    cache.CacheTensor.kernel_args."""
+    """A cache tensor in the model's dtype as the kernels take caches, (data, scales, bits): the data stands in
+    for the scales, an unused pointer."""
     return tensor, tensor, 16
 
 
@@ -526,8 +526,8 @@ def decode_attention(q, keys, values, position, max_length: int) -> torch.Tensor
     tensor) of keys / values, each (data [kv_heads, slots, ...], scales, bits) as cache.CacheTensor.kernel_args
     gives them for one row.
 
-    `max_length` bounds the position (the graph bucket): it sets how many splits share the work, so
-    that long contexts spread over the whole GPU while short ones stay one block per KV head.
+    `max_length` bounds the position (the graph bucket): it sets how many splits share the work
+    (attention_splits).
     """
     out = q.new_empty(q.shape)
     _attention(q.unsqueeze(0), keys, values, position, 1, max_length, out.unsqueeze(0))
