@@ -165,6 +165,80 @@ def test_bifurcated_attention(samples, heads, kv_heads, dim, kind):
     assert relative_error(out, out_ref.squeeze(2)) < 2e-3
 
 
+def ceil_div(a, b):
+    return -(-a // b)
+
+
+def cache_kernel():
+    """The compiled extension with the 4-bit cache attention, or a skip."""
+    from engine.cuda import build
+
+    if not build.available():
+        pytest.skip(f"the CUDA extension is not available: {build.unavailable_reason()}")
+    return build.extension()
+
+
+@pytest.mark.parametrize("samples,heads,kv_heads,dim", [(1, 32, 32, 128), (1, 32, 8, 128), (1, 9, 3, 64),
+                                                        (2, 8, 2, 64)])
+@pytest.mark.parametrize("length,splits", [(1, 1), (37, 3), (700, 7), (3001, 32), (100, 64)])
+def test_4bit_cache_attention_parts(samples, heads, kv_heads, dim, length, splits):
+    """The CUDA kernel's parts over a 4-bit cache, merged here in float64, against float32 attention over what the
+    cache holds (slots past the length hold bytes that decode to NaN). The part buffers start as NaN; splits
+    with no slots (the 64 splits of 100 slots take 16 each) must come out empty: -inf, 0 and zeros."""
+    kernel = cache_kernel()
+    group = heads // kv_heads
+    rows = samples * group
+    cache = filled_cache(kv_heads, dim, length + 21, length, "q4")
+    q = torch.randn(samples, heads, dim, device=CUDA, dtype=torch.float16)
+    part_out = torch.full((kv_heads * splits * rows, dim), float("nan"), device=CUDA)
+    part_max = torch.full((kv_heads * splits * rows,), float("nan"), device=CUDA)
+    part_sum = torch.full_like(part_max, float("nan"))
+    (keys, key_scales, _), (values, value_scales, _) = cache.keys.kernel_args(0), cache.values.kernel_args(0)
+    kernel.cache_attention_parts(q, keys, key_scales, values, value_scales, torch.tensor([length - 1], device=CUDA),
+                                 1, splits, dim**-0.5, part_out, part_max, part_sum)
+
+    maxes = part_max.double().view(kv_heads, splits, rows)
+    weights = torch.where(maxes == float("-inf"), 0.0, (maxes - maxes.amax(1, keepdim=True)).exp())
+    total = (part_out.double().view(kv_heads, splits, rows, dim) * weights[..., None]).sum(1)
+    out = total / (part_sum.double().view(kv_heads, splits, rows) * weights).sum(1)[..., None]
+    # Query row r of KV head h is head h * group + r % group of sample r // group.
+    out = out.view(kv_heads, samples, group, dim).permute(1, 0, 2, 3).reshape(samples, heads, 1, dim)
+    keys_ref, values_ref = (part.read(length).float().expand(samples, -1, -1, -1) for part in (cache.keys, cache.values))
+    out_ref = grouped_attention(q.float().unsqueeze(2), keys_ref, values_ref, torch.zeros(1, length, device=CUDA))
+    assert relative_error(out, out_ref) < 2e-3
+
+    per_split = ceil_div(ceil_div(length, splits), 16) * 16  # the length over the splits in whole tiles of 16 slots
+    filled = ceil_div(length, per_split)
+    empty = maxes[:, filled:]
+    assert (empty == float("-inf")).all() and (part_sum.view(kv_heads, splits, rows)[:, filled:] == 0).all()
+    assert (part_out.view(kv_heads, splits, rows, dim)[:, filled:] == 0).all()
+    assert torch.isfinite(maxes[:, :filled]).all()
+
+
+def test_decode_over_a_4bit_cache_takes_the_cuda_kernel_where_it_serves(monkeypatch):
+    """One token's attention over a q4 cache goes through the CUDA kernel (one call, the right output); many
+    samples' rows (16 per KV head here) go through the Triton kernel, which shares a read among up to 64."""
+    kernel = cache_kernel()
+    calls = []
+    launch = kernel.cache_attention_parts
+    monkeypatch.setattr(kernel, "cache_attention_parts", lambda *args: calls.append(1) or launch(*args))
+    heads, dim, length = 32, 128, 300
+    cache = filled_cache(heads, dim, 512, length, "q4")
+    q = torch.randn(heads, dim, device=CUDA, dtype=torch.float16)
+    out = fused.decode_attention(q, cache.keys.kernel_args(0), cache.values.kernel_args(0),
+                                 torch.tensor([length - 1], device=CUDA), 512)
+    out_ref = grouped_attention(q.float().view(1, heads, 1, dim), cache.keys.read(length).float(),
+                                cache.values.read(length).float(), torch.zeros(1, length, device=CUDA))
+    assert calls == [1] and relative_error(out.view(1, heads, 1, dim), out_ref) < 2e-3
+
+    samples = 16
+    own = torch.randn(samples, heads, 8, dim, device=CUDA, dtype=torch.float16)
+    fused.bifurcated_attention(q.expand(samples, -1, -1).contiguous(), cache.keys.kernel_args(0),
+                               cache.values.kernel_args(0), torch.tensor([length], device=CUDA), 512, own, own,
+                               torch.tensor([0], device=CUDA))
+    assert calls == [1]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("heads,kv_heads,start", [(9, 3, 0), (9, 3, 300), (32, 32, 0), (32, 32, 300), (32, 8, 300)])
 def test_prompt_attention_matches_the_cpu_reference(heads, kv_heads, start, dtype):

@@ -21,8 +21,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent
-_SOURCES = ("q4_binding.cpp", "q4_kernels.cu")
-_HEADERS = ("q4_kernels.h",)
+_SOURCES = ("q4_binding.cpp", "q4_kernels.cu", "cache_attention.cu")
+_HEADERS = ("q4_kernels.h", "cache_attention.h", "common.cuh")
 # The kernels use fp16 mma.sync m16n8k16, which needs Ampere (8.0) or newer.
 _MIN_CAPABILITY = (8, 0)
 

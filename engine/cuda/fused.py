@@ -9,6 +9,9 @@ graph captured for a bucket of cache lengths reads only the filled slots, and on
 cache serves all the query rows that use it: the heads of a GQA group, and the same heads of every
 sample that continues a shared context.
 
+Attention over a 4-bit cache runs a CUDA kernel of the compiled extension instead where it can
+(cache_attention.cu).
+
 Importing this module needs Triton, which comes with CUDA builds of PyTorch; callers check
 `available()` first.
 """
@@ -19,6 +22,9 @@ import functools
 import types
 
 import torch
+
+from .build import available as cuda_kernels_available
+from .build import extension
 
 
 @functools.cache
@@ -551,6 +557,30 @@ def bifurcated_attention(q, context_keys, context_values, context_len, max_conte
     return out
 
 
+CACHE_ATTENTION_BLOCK_STEP = 64  # slots that the 4 warps of a cache_attention.cu block take in one step each
+
+
+def cache_attention_splits(kv_heads: int, max_length: int, resident_blocks: int) -> int:
+    """How many parts the slots of each KV head are split into for the 4-bit cache kernel (cache_attention.cu),
+    for a graph bucket of `max_length` slots: as many as the GPU holds blocks at once, so that there is no second
+    wave whose blocks would pay the memory latency again, but no more than give each warp one tile."""
+    return max(1, min(MAX_SPLITS, resident_blocks // kv_heads, max_length // CACHE_ATTENTION_BLOCK_STEP))
+
+
+@functools.cache
+def _resident_cache_attention_blocks(device: torch.device, dim: int) -> int:
+    with torch.cuda.device(device):
+        return extension().cache_attention_resident_blocks(dim)
+
+
+def _cache_attention_serves(q: torch.Tensor, key_bits: int, value_bits: int, rows: int) -> bool:
+    """Whether the CUDA kernel for a 4-bit cache (cache_attention.cu) takes these parts: it reads 4-bit keys and
+    values at memory speed where the Triton kernel is bound by unpacking them, for up to 8 float16 query rows per
+    KV head and heads of 64 or 128 entries."""
+    return (key_bits == value_bits == 4 and rows <= 8 and q.dtype == torch.float16 and q.shape[-1] in (64, 128)
+            and cuda_kernels_available())
+
+
 def _attention(q, keys, values, length, length_bias: int, max_length: int, out, own=None) -> None:
     """Attention of q [n, q_heads, dim] over slots 0..length + length_bias - 1 of keys / values (data [kv_heads,
     slots, ...], scales, bits) into out [n, q_heads, dim] (contiguous); with `own`, each sample also attends over
@@ -563,7 +593,11 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
     rows = samples * group  # query rows per KV head
     rows_per_program = min(MAX_ROWS_PER_PROGRAM, max(16, _next_pow2(rows)))  # tl.dot needs 16 rows or more
     row_blocks = -(-rows // rows_per_program)
-    splits = attention_splits(kv_heads, row_blocks, max_length, _multiprocessors(q.device))
+    on_cache_kernel = _cache_attention_serves(q, key_bits, value_bits, rows)
+    if on_cache_kernel:
+        splits = cache_attention_splits(kv_heads, max_length, _resident_cache_attention_blocks(q.device, dim))
+    else:
+        splits = attention_splits(kv_heads, row_blocks, max_length, _multiprocessors(q.device))
     part_out = torch.empty(kv_heads * splits * rows, dim, device=q.device, dtype=torch.float32)
     part_max = torch.empty(kv_heads * splits * rows, device=q.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
@@ -573,10 +607,14 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
     # a step over 8192 slots is 18% (q4) and 29% (k8v4) faster; an 8-bit cache gains 6% there but loses at
     # short contexts, so it keeps them (bench/NOTES.md, session 8).
     stages = 1 if min(key_bits, value_bits) == 4 else 3
-    _launch(kernels.attention_parts, (kv_heads, splits, row_blocks), q.device,
-            q, keys, key_scales, values, value_scales, length, length_bias, part_out, part_max, part_sum, rows,
-            q_row_stride, max_seq, scale, splits, GROUP=group, ROWS=rows_per_program, DIM=dim, BLOCK=ATTENTION_BLOCK,
-            KEY_BITS=key_bits, VALUE_BITS=value_bits, num_stages=stages)
+    if on_cache_kernel:
+        extension().cache_attention_parts(q, keys, key_scales, values, value_scales, length, length_bias, splits,
+                                          scale, part_out, part_max, part_sum)
+    else:
+        _launch(kernels.attention_parts, (kv_heads, splits, row_blocks), q.device,
+                q, keys, key_scales, values, value_scales, length, length_bias, part_out, part_max, part_sum, rows,
+                q_row_stride, max_seq, scale, splits, GROUP=group, ROWS=rows_per_program, DIM=dim,
+                BLOCK=ATTENTION_BLOCK, KEY_BITS=key_bits, VALUE_BITS=value_bits, num_stages=stages)
     own_keys, own_values, own_slot, own_row_stride, own_capacity = own if own is not None else (q, q, length, 0, 0)
     _launch(kernels.merge_parts, (kv_heads, rows), q.device,
             part_out, part_max, part_sum, out, rows, q_row_stride, q_heads * dim, splits, q, own_keys, own_values,

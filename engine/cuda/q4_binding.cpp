@@ -1,4 +1,5 @@
-// PyTorch binding for the 4-bit kernels: checks the tensors, picks the launch, reports CUDA errors.
+// PyTorch binding for the 4-bit kernels (weights and KV cache): checks the tensors, picks the launch,
+// reports CUDA errors.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -6,6 +7,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "cache_attention.h"
 #include "q4_kernels.h"
 
 namespace {
@@ -153,11 +155,89 @@ torch::Tensor dequantize(torch::Tensor weights, torch::Tensor scales, int64_t gr
   return w;
 }
 
+// One 4-bit half of a KV cache, as cache.CacheTensor.kernel_args gives it for one batch row: entries
+// uint8 [kv_heads, slots, dim / 2], scales float16 [kv_heads, slots, dim / 32, 2].
+void check_cache_part(const torch::Tensor& data, const torch::Tensor& scales, const torch::Tensor& like,
+                      const char* name) {
+  TORCH_CHECK(data.is_cuda() && data.scalar_type() == torch::kUInt8 && data.is_contiguous() && data.dim() == 3 &&
+                  aligned16(data) && data.get_device() == like.get_device(),
+              "q4 cache attention: ", name, " must be contiguous uint8 CUDA [kv_heads, slots, dim / 2] on q's device");
+  TORCH_CHECK(scales.is_cuda() && scales.scalar_type() == torch::kFloat16 && scales.is_contiguous() &&
+                  scales.dim() == 4 && scales.size(0) == data.size(0) && scales.size(1) == data.size(1) &&
+                  scales.size(2) * 16 == data.size(2) && scales.size(3) == 2 && aligned16(scales) &&
+                  scales.get_device() == like.get_device(),
+              "q4 cache attention: ", name, " scales must be contiguous float16 CUDA [kv_heads, slots, dim / 32, 2]");
+}
+
+// The parts of one decode step's attention over a 4-bit KV cache (cache_attention.h) into part_out,
+// part_max and part_sum, for fused.py's merge kernel: q [n, heads, dim] (rows apart by any stride), n
+// times heads / kv_heads query rows per KV head, at most 8; slots 0 .. length + length_bias - 1.
+void cache_attention_parts(torch::Tensor q, torch::Tensor keys, torch::Tensor key_scales, torch::Tensor values,
+                           torch::Tensor value_scales, torch::Tensor length, int64_t length_bias, int64_t splits,
+                           double scale, torch::Tensor part_out, torch::Tensor part_max, torch::Tensor part_sum) {
+  TORCH_CHECK(q.is_cuda() && q.scalar_type() == torch::kFloat16 && q.dim() == 3 && q.stride(2) == 1 &&
+                  q.stride(1) == q.size(2),
+              "q4 cache attention: q must be float16 CUDA [n, heads, dim] with contiguous heads");
+  check_cache_part(keys, key_scales, q, "keys");
+  check_cache_part(values, value_scales, q, "values");
+  const int64_t dim = q.size(2), kv_heads = keys.size(0);
+  TORCH_CHECK(dim == 64 || dim == 128, "q4 cache attention: heads of 64 or 128 entries, got ", dim);
+  TORCH_CHECK(keys.size(2) * 2 == dim && values.sizes() == keys.sizes(),
+              "q4 cache attention: the cache's heads do not match q's");
+  TORCH_CHECK(q.size(1) % kv_heads == 0, "q4 cache attention: ", q.size(1), " query heads for ", kv_heads,
+              " KV heads");
+  const int64_t group = q.size(1) / kv_heads, rows = q.size(0) * group;
+  TORCH_CHECK(rows >= 1 && rows <= 8, "q4 cache attention: 1 to 8 query rows per KV head, got ", rows);
+  TORCH_CHECK(length.is_cuda() && length.scalar_type() == torch::kLong && length.numel() == 1 &&
+                  length.get_device() == q.get_device(),
+              "q4 cache attention: length must be a one-element int64 CUDA tensor");
+  TORCH_CHECK(splits >= 1, "q4 cache attention: splits must be positive");
+  const int64_t parts = kv_heads * splits * rows;
+  for (const torch::Tensor* t : {&part_out, &part_max, &part_sum})
+    TORCH_CHECK(t->is_cuda() && t->scalar_type() == torch::kFloat && t->is_contiguous() &&
+                    t->numel() == parts * (t == &part_out ? dim : 1) && t->get_device() == q.get_device(),
+                "q4 cache attention: the part outputs must be contiguous float32 CUDA tensors of ", parts,
+                " rows");
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  q4::CacheAttentionArgs args{};
+  args.q = reinterpret_cast<const half*>(q.data_ptr<at::Half>());
+  args.q_row_stride = int(q.stride(0));
+  args.group = int(group);
+  args.rows = int(rows);
+  args.keys = keys.data_ptr<uint8_t>();
+  args.key_scales = reinterpret_cast<const half*>(key_scales.data_ptr<at::Half>());
+  args.values = values.data_ptr<uint8_t>();
+  args.value_scales = reinterpret_cast<const half*>(value_scales.data_ptr<at::Half>());
+  args.max_seq = int(keys.size(1));
+  args.length = length.data_ptr<int64_t>();
+  args.length_bias = int(length_bias);
+  args.splits = int(splits);
+  args.scale = float(scale);
+  args.part_out = part_out.data_ptr<float>();
+  args.part_max = part_max.data_ptr<float>();
+  args.part_sum = part_sum.data_ptr<float>();
+  const cudaError_t err =
+      q4::cache_attention_parts(args, int(dim), int(kv_heads), true, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "q4 cache attention launch failed: ", cudaGetErrorString(err));
+}
+
+int64_t cache_attention_resident_blocks(int64_t dim) {
+  TORCH_CHECK(dim == 64 || dim == 128, "q4 cache attention: heads of 64 or 128 entries, got ", dim);
+  int blocks = 0;
+  const cudaError_t err = q4::cache_attention_resident_blocks(int(dim), &blocks);
+  TORCH_CHECK(err == cudaSuccess, "q4 cache attention: ", cudaGetErrorString(err));
+  return blocks;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matmul", &matmul, "4-bit matrix product for 1..16 rows (writes and returns y)");
   m.def("dequantize", &dequantize, "dense float16 [out, in] weight from the prepared layout");
+  m.def("cache_attention_parts", &cache_attention_parts, "one decode step's attention parts over a 4-bit KV cache");
+  m.def("cache_attention_resident_blocks", &cache_attention_resident_blocks,
+        "blocks of the 4-bit cache attention for heads of this size that the current GPU holds at once");
   m.def("max_staged_bytes", &q4::max_staged_bytes, "bytes of x the kernel can stage for this many rows, beside a "
         "LoRA update of this rank with h in this many parts, on the folded path or not");
 }

@@ -34,8 +34,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
+#include "common.cuh"
 #include "q4_kernels.h"
 
 namespace q4 {
@@ -58,59 +58,28 @@ __host__ __device__ constexpr size_t ring_bytes(bool folded) {
 // less a little for the kernel's own variables.
 constexpr size_t kBlockSharedBudget = 112 * 1024;
 
-__device__ __forceinline__ __half2 as_half2(uint32_t bits) {
-  __half2 h;
-  memcpy(&h, &bits, sizeof(h));
-  return h;
-}
-
-__device__ __forceinline__ uint32_t as_u32(__half2 h) {
-  uint32_t bits;
-  memcpy(&bits, &h, sizeof(bits));
-  return bits;
-}
-
-// (a & b) | c in one instruction; written out because the compiler splits it in two when b and
-// c are both constants (an instruction takes one immediate).
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-  return d;
-}
-
 // Nibbles 0..7 of `word` hold, for this lane's output rows r0 = g and r1 = g + 8 and inputs
 // k..k+3 of one mma step: n0 = (r0,k) n1 = (r1,k) n2 = (r0,k+2) n3 = (r1,k+2)
 //                         n4 = (r0,k+1) n5 = (r1,k+1) n6 = (r0,k+3) n7 = (r1,k+3),
 // so that or-ing nibble pairs into the mantissa of 1024.0 gives the four half2 A registers:
 // rows r0 hold 1024 + q, rows r1 hold 1024 + 16 q (their nibbles sit 4 bits higher).
 __device__ __forceinline__ void biased_word(uint32_t word, uint32_t a[4]) {
-  const uint32_t low_mask = 0x000F000Fu, high_mask = 0x00F000F0u, k1024 = 0x64006400u;
   const uint32_t high = word >> 8;
-  a[0] = and_or(word, low_mask, k1024);
-  a[1] = and_or(word, high_mask, k1024);
-  a[2] = and_or(high, low_mask, k1024);
-  a[3] = and_or(high, high_mask, k1024);
+  a[0] = biased_levels(word, kLowNibbles);
+  a[1] = biased_levels(word, kHighNibbles);
+  a[2] = biased_levels(high, kLowNibbles);
+  a[3] = biased_levels(high, kHighNibbles);
 }
 
-// The same A registers as weights scale * q + offset in fp16, q recovered exactly first.
+// The same A registers as weights scale * q + offset in fp16.
 __device__ __forceinline__ void dequant_word(uint32_t word, __half2 scale0, __half2 offset0, __half2 scale1,
                                              __half2 offset1, uint32_t a[4]) {
-  const __half2 k1024 = as_half2(0x64006400u);
-  const __half2 kSixteenth = as_half2(0x2C002C00u);  // 1/16
-  const __half2 kMinus64 = as_half2(0xD400D400u);    // -1024 / 16
   uint32_t biased[4];
   biased_word(word, biased);
-  a[0] = as_u32(__hfma2(__hsub2(as_half2(biased[0]), k1024), scale0, offset0));
-  a[1] = as_u32(__hfma2(__hfma2(as_half2(biased[1]), kSixteenth, kMinus64), scale1, offset1));
-  a[2] = as_u32(__hfma2(__hsub2(as_half2(biased[2]), k1024), scale0, offset0));
-  a[3] = as_u32(__hfma2(__hfma2(as_half2(biased[3]), kSixteenth, kMinus64), scale1, offset1));
-}
-
-__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  a[0] = dequantize_levels(biased[0], false, scale0, offset0);
+  a[1] = dequantize_levels(biased[1], true, scale1, offset1);
+  a[2] = dequantize_levels(biased[2], false, scale0, offset0);
+  a[3] = dequantize_levels(biased[3], true, scale1, offset1);
 }
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
@@ -133,20 +102,6 @@ __device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_
 template <int kPending>
 __device__ __forceinline__ void wait_copies() {
   asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
-
-// Programmatic dependent launch (sm_90): the next kernel in the stream may start while this one
-// finishes, and it must not read what the previous kernel wrote (x) before waiting for it.
-__device__ __forceinline__ void wait_for_previous_kernel() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void allow_next_kernel() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
 }
 
 // What a lane holds for one step: its words of the step's tiles, the (scale, offset) of its outputs g
@@ -627,10 +582,9 @@ cudaError_t launch(const MatmulArgs& a, size_t shared_bytes, bool overlap, cudaS
   // Static plus dynamic shared memory above 48 KB needs an opt-in; the call is cheap, so it is
   // made on every launch rather than cached per device.
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes));
-  int device = 0, sms = 0, per_sm = 0, major = 0;
+  int device = 0, sms = 0, per_sm = 0;
   if (err == cudaSuccess) err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err == cudaSuccess)
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, shared_bytes);
   if (err != cudaSuccess) return err;
@@ -640,18 +594,7 @@ cudaError_t launch(const MatmulArgs& a, size_t shared_bytes, bool overlap, cudaS
   const int slots = std::max(1, sms * per_sm);
   const int rounds = (slices + slots - 1) / slots;
   const int grid = (slices + rounds - 1) / rounds;
-
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(kWarps * 32);
-  config.dynamicSmemBytes = shared_bytes;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = overlap && major >= 9 ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, a);
+  return launch_dependent(kernel, dim3(grid), dim3(kWarps * 32), shared_bytes, overlap, stream, a);
 }
 
 // Whether a product takes the folded path: its groups allow it and it has at most 8 rows.

@@ -1,0 +1,370 @@
+// Decode attention over a 4-bit KV cache on tensor cores: the parts of split attention, which
+// fused.py's merge kernel combines, for up to 8 query rows per KV head (one token's GQA group).
+//
+// The cache layout is engine/cache.py's: for each slot and head, byte j holds entry j in its low
+// nibble and entry dim/2 + j in its high one, and each group of 32 entries has a float16 (scale,
+// minimum). The Triton kernel that reads it unpacks entries one at a time and is bound by
+// instructions, at a fifth of the memory bandwidth. Here the levels go into float16 by or-ing
+// nibbles into the mantissa of 1024.0 (common.cuh), eight entries for five instructions, and both
+// products run as m16n8k16 mma with the query rows as the 8 columns:
+//  - scores = K q: A is 16 slots x 16 entries of K, B 16 entries of q for 8 rows. The order of entries
+//    inside an mma step is free, as long as K and q agree. Lane (g, t) reads the words at bytes
+//    32b + 8t and 32b + 8t + 4 of slots g and g + 8; each word gives entries (4m, 4m + 2) and (4m + 1,
+//    4m + 3) of group b in its low nibbles and of group b + dim/64 in its high ones: A registers of two
+//    mma steps, each of which covers 16 entries of one group.
+//  - out = V^T p: A is 16 entries x 16 slots of V, B the probabilities of 16 slots for 8 rows, which
+//    is the score accumulator's layout after four shuffles. V's A registers pair one entry of two
+//    slots, so a byte permute first puts the same bytes of two slots side by side.
+// Entries are dequantized to float16 before each product, as the Triton kernel does.
+//
+// A tile is 16 slots. Each warp of a block walks every fourth tile of the block's split with its
+// own online softmax, and the block merges its warps at the end. A warp's tiles stream through a ring
+// of shared-memory stages filled by cp.async, kStages tiles ahead: registers could hold one tile ahead,
+// too few bytes in flight to keep the memory busy.
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cache_attention.h"
+#include "common.cuh"
+
+namespace q4 {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kTile = 16;    // slots per warp step
+constexpr int kMaxRows = 8;  // query rows: the mma's columns
+constexpr int kStages = 4;   // tiles in flight per warp
+
+// A ring stage: a tile's packed keys and values as they lie in the cache, rows padded by 16 bytes so
+// that the lanes reading one entry of four slots hit different banks, then the tile's key and value
+// scales.
+template <int kDim>
+struct Stage {
+  static constexpr int kSlotBytes = kDim / 2, kRowBytes = kSlotBytes + 16, kScaleBytes = kDim / 8;
+  static constexpr int kKeys = 0, kValues = kTile * kRowBytes, kKeyScales = 2 * kTile * kRowBytes,
+                       kValueScales = kKeyScales + kTile * kScaleBytes, kBytes = kValueScales + kTile * kScaleBytes;
+};
+
+template <int kBytes>
+__device__ __forceinline__ void copy_async(unsigned char* shared, const void* global) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
+  if constexpr (kBytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(global));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(address), "l"(global), "n"(kBytes));
+  }
+}
+
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int kPending>
+__device__ __forceinline__ void wait_copies() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// Start copying the tile at slot `tile` of the head whose slots start at `first` into `stage`; the
+// lanes share the copies. Slots past `last` copy slot `last` again: their scores are masked, and the
+// reads stay inside the cache.
+template <int kDim>
+__device__ __forceinline__ void issue_tile(unsigned char* stage, const CacheAttentionArgs& a, size_t first, int tile,
+                                           int last, int lane) {
+  using S = Stage<kDim>;
+  constexpr int kChunks = S::kSlotBytes / 16;  // per slot
+#pragma unroll
+  for (int c = lane; c < kTile * kChunks; c += 32) {
+    const int row = c / kChunks, offset = c % kChunks * 16;
+    const size_t slot = first + min(tile + row, last);
+    copy_async<16>(stage + S::kKeys + row * S::kRowBytes + offset, a.keys + slot * S::kSlotBytes + offset);
+    copy_async<16>(stage + S::kValues + row * S::kRowBytes + offset, a.values + slot * S::kSlotBytes + offset);
+  }
+  const int row = lane % kTile;
+  const size_t slot = first + min(tile + row, last);
+  const half* scales = lane < kTile ? a.key_scales : a.value_scales;
+  copy_async<S::kScaleBytes>(stage + (lane < kTile ? S::kKeyScales : S::kValueScales) + row * S::kScaleBytes,
+                             scales + slot * (kDim / 16));
+}
+
+// What one lane reads of a tile.
+template <int kDim>
+struct TileBytes {
+  static constexpr int kBlocks = kDim / 64;  // 32-byte blocks of a slot's packed entries
+  static constexpr int kGroups = kDim / 32;
+  uint2 keys[2][kBlocks];            // slots g, g + 8: bytes 32b + 8t .. 32b + 8t + 7
+  uint32_t key_scales[2][kGroups];   // their (scale, minimum) by group
+  uint32_t values[4][kBlocks];       // slots 2t, 2t + 1, 2t + 8, 2t + 9: bytes 32b + 4g .. 32b + 4g + 3
+  uint32_t value_scales[4][kGroups];
+};
+
+template <int kGroups>
+__device__ __forceinline__ void read_scales(uint32_t (&out)[kGroups], const unsigned char* slot_scales) {
+  if constexpr (kGroups == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(slot_scales);
+    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+  } else {
+    static_assert(kGroups == 2, "heads of 64 or 128 entries");
+    const uint2 v = *reinterpret_cast<const uint2*>(slot_scales);
+    out[0] = v.x, out[1] = v.y;
+  }
+}
+
+template <int kDim>
+__device__ __forceinline__ void read_tile(TileBytes<kDim>& d, const unsigned char* stage, int g, int t) {
+  using S = Stage<kDim>;
+  constexpr int kBlocks = TileBytes<kDim>::kBlocks;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = g + 8 * r;
+#pragma unroll
+    for (int b = 0; b < kBlocks; ++b)
+      d.keys[r][b] = *reinterpret_cast<const uint2*>(stage + S::kKeys + row * S::kRowBytes + 32 * b + 8 * t);
+    read_scales(d.key_scales[r], stage + S::kKeyScales + row * S::kScaleBytes);
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int row = 2 * t + (j & 1) + 8 * (j >> 1);
+#pragma unroll
+    for (int b = 0; b < kBlocks; ++b)
+      d.values[j][b] = *reinterpret_cast<const uint32_t*>(stage + S::kValues + row * S::kRowBytes + 32 * b + 4 * g);
+    read_scales(d.value_scales[j], stage + S::kValueScales + row * S::kScaleBytes);
+  }
+}
+
+// Score mma step (b, e, high) covers entries e0 .. e0 + 3 of every lane t, e0 = 32b + 8t + 4e (+ dim/2
+// for the high nibbles).
+__device__ __forceinline__ constexpr int step_index(int b, int e, int high) { return (b * 2 + e) * 2 + high; }
+
+// Output tile (b, pair, high) holds entry 32b + 4g + 2 pair (+ dim/2) in A row g and the next entry in
+// row g + 8.
+__device__ __forceinline__ constexpr int out_index(int b, int pair, int high) { return (b * 2 + pair) * 2 + high; }
+
+template <int kDim>
+__device__ __forceinline__ int out_entry(int b, int pair, int high, int g) {
+  return 32 * b + 4 * g + 2 * pair + (high ? kDim / 2 : 0);
+}
+
+template <int kDim>
+__global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const CacheAttentionArgs a) {
+  using Bytes = TileBytes<kDim>;
+  constexpr int kBlocks = Bytes::kBlocks, kSteps = kDim / 16;
+  const float kInf = __int_as_float(0x7f800000);
+  // The warps' rings, and after the walk the warps' states for the merge.
+  __shared__ __align__(16) unsigned char shared[kWarps * kStages * Stage<kDim>::kBytes];
+  static_assert(sizeof(float) * kWarps * kMaxRows * (kDim + 2) <= sizeof(shared), "the merge fits in the rings");
+  auto& warp_out = *reinterpret_cast<float(*)[kWarps][kMaxRows][kDim]>(shared);
+  auto& warp_max = *reinterpret_cast<float(*)[kWarps][kMaxRows]>(shared + sizeof(warp_out));
+  auto& warp_sum = *reinterpret_cast<float(*)[kWarps][kMaxRows]>(shared + sizeof(warp_out) + sizeof(warp_max));
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const int head = blockIdx.x, split = blockIdx.y;
+  allow_next_kernel();
+  wait_for_previous_kernel();  // the step's own key and value were written by the previous kernel
+  const int length = int(*a.length) + a.length_bias;
+  const int per_split = ((length + a.splits - 1) / a.splits + kTile - 1) / kTile * kTile;
+  const int start = split * per_split, end = min(start + per_split, length);
+  const size_t first = size_t(head) * a.max_seq;
+
+  // q as the B operand of the score steps: (e0, e0 + 2) and (e0 + 1, e0 + 3) of row g.
+  uint32_t q_frag[kSteps][2] = {};
+  if (g < a.rows) {
+    const half* q = a.q + size_t(g / a.group) * a.q_row_stride + size_t(head * a.group + g % a.group) * kDim;
+#pragma unroll
+    for (int b = 0; b < kBlocks; ++b)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int high = 0; high < 2; ++high) {
+          const int e0 = 32 * b + 8 * t + 4 * e + (high ? kDim / 2 : 0), i = step_index(b, e, high);
+          q_frag[i][0] = as_u32(__halves2half2(q[e0], q[e0 + 2]));
+          q_frag[i][1] = as_u32(__halves2half2(q[e0 + 1], q[e0 + 3]));
+        }
+  }
+
+  // Rows 2t and 2t + 1: the running maximum (the same in every lane of a column), this lane's share of
+  // the running sum, and the output by output tile (c0, c1 entry D; c2, c3 entry D + 1).
+  float run_max[2] = {-kInf, -kInf}, run_sum[2] = {0.f, 0.f};
+  float out[kSteps][4] = {};
+  unsigned char* ring = shared + warp * kStages * Stage<kDim>::kBytes;
+  const int stride = kWarps * kTile, tiles = max(0, (end - start - warp * kTile + stride - 1) / stride);
+  const auto tile_at = [&](int i) { return start + warp * kTile + i * stride; };
+  for (int i = 0; i < kStages; ++i) {
+    if (i < tiles) issue_tile<kDim>(ring + i * Stage<kDim>::kBytes, a, first, tile_at(i), length - 1, lane);
+    commit_copies();  // empty groups too: wait_copies counts groups
+  }
+  for (int i = 0; i < tiles; ++i) {
+    const int tile = tile_at(i);
+    unsigned char* stage = ring + i % kStages * Stage<kDim>::kBytes;
+    wait_copies<kStages - 1>();  // this lane's copies of tile i have landed
+    __syncwarp();                // and so have the other lanes'
+    Bytes cur;
+    read_tile(cur, stage, g, t);
+    __syncwarp();  // every lane has read the stage: refill it
+    if (i + kStages < tiles) issue_tile<kDim>(stage, a, first, tile_at(i + kStages), length - 1, lane);
+    commit_copies();
+
+    // Scores: c[i] is slot g (i < 2) or g + 8, row 2t + i % 2. Two accumulator sets halve the mma chain.
+    float c[2][4] = {};
+#pragma unroll
+    for (int b = 0; b < kBlocks; ++b)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int high = 0; high < 2; ++high) {
+          const int group = b + (high ? kBlocks : 0);
+          const uint32_t nibbles = high ? kHighNibbles : kLowNibbles;
+          uint32_t k[4];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const uint32_t word = e ? cur.keys[r][b].y : cur.keys[r][b].x;
+            const __half2 pair = as_half2(cur.key_scales[r][group]);
+            const __half2 scale = __low2half2(pair), minimum = __high2half2(pair);
+            k[r] = dequantize_levels(biased_levels(word, nibbles), high, scale, minimum);
+            k[2 + r] = dequantize_levels(biased_levels(word >> 8, nibbles), high, scale, minimum);
+          }
+          const int i = step_index(b, e, high);
+          mma_16816(c[i % 2], k, q_frag[i][0], q_frag[i][1]);
+        }
+    float s[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const bool inside = tile + g + (i < 2 ? 0 : 8) < end;
+      s[i] = inside ? (c[0][i] + c[1][i]) * a.scale : -kInf;
+    }
+
+    // Online softmax over the tile's 16 slots: the maximum comes from the 8 lanes of a column. The output
+    // is rescaled only when a maximum grows, which after the first tiles is rare.
+    float new_max[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      float tile_max = fmaxf(s[j], s[2 + j]);
+#pragma unroll
+      for (int offset = 4; offset < 32; offset *= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(~0u, tile_max, offset));
+      new_max[j] = fmaxf(run_max[j], tile_max);  // finite: the tile's first slot is inside
+    }
+    if (__any_sync(~0u, new_max[0] > run_max[0] || new_max[1] > run_max[1])) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float correction = __expf(run_max[j] - new_max[j]);
+        run_max[j] = new_max[j];
+        run_sum[j] *= correction;
+#pragma unroll
+        for (int o = 0; o < kSteps; ++o) out[o][j] *= correction, out[o][2 + j] *= correction;
+      }
+    }
+    float p[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p[i] = __expf(s[i] - run_max[i % 2]);
+    run_sum[0] += p[0] + p[2];
+    run_sum[1] += p[1] + p[3];
+
+    // p as the B operand of the output steps: (slots 2t, 2t + 1) and (2t + 8, 2t + 9) of row g, from lanes
+    // (2t, g / 2) and (2t + 1, g / 2), which hold rows g - g % 2 and g - g % 2 + 1 of those slots.
+    const uint32_t p_low = as_u32(__floats2half2_rn(p[0], p[1])), p_high = as_u32(__floats2half2_rn(p[2], p[3]));
+    const int from = 8 * t + g / 2;
+    const uint32_t half_of_row = (g & 1) ? 0x7632 : 0x5410;
+    const uint32_t p0 = __byte_perm(__shfl_sync(~0u, p_low, from), __shfl_sync(~0u, p_low, from + 4), half_of_row);
+    const uint32_t p1 = __byte_perm(__shfl_sync(~0u, p_high, from), __shfl_sync(~0u, p_high, from + 4), half_of_row);
+
+#pragma unroll
+    for (int b = 0; b < kBlocks; ++b) {
+      // Bytes 0-1 and 2-3 of the word of slots (2t, 2t + 1) and of slots (2t + 8, 2t + 9), side by side:
+      // field f of a slot pair is entry 32b + 4g + f of both slots.
+      uint32_t fields[2][4];
+#pragma unroll
+      for (int pair = 0; pair < 2; ++pair) {
+        const uint32_t bytes01 = __byte_perm(cur.values[2 * pair][b], cur.values[2 * pair + 1][b], 0x5410);
+        const uint32_t bytes23 = __byte_perm(cur.values[2 * pair][b], cur.values[2 * pair + 1][b], 0x7632);
+        fields[pair][0] = bytes01, fields[pair][1] = bytes01 >> 8;
+        fields[pair][2] = bytes23, fields[pair][3] = bytes23 >> 8;
+      }
+#pragma unroll
+      for (int high = 0; high < 2; ++high) {
+        const int group = b + (high ? kBlocks : 0);
+        const uint32_t nibbles = high ? kHighNibbles : kLowNibbles;
+        __half2 scale[2], minimum[2];
+#pragma unroll
+        for (int pair = 0; pair < 2; ++pair) {
+          const __half2 first_slot = as_half2(cur.value_scales[2 * pair][group]);
+          const __half2 second_slot = as_half2(cur.value_scales[2 * pair + 1][group]);
+          scale[pair] = __lows2half2(first_slot, second_slot);
+          minimum[pair] = __highs2half2(first_slot, second_slot);
+        }
+#pragma unroll
+        for (int entry_pair = 0; entry_pair < 2; ++entry_pair) {
+          uint32_t v[4];
+#pragma unroll
+          for (int pair = 0; pair < 2; ++pair)
+#pragma unroll
+            for (int next_entry = 0; next_entry < 2; ++next_entry)
+              v[2 * pair + next_entry] = dequantize_levels(
+                  biased_levels(fields[pair][2 * entry_pair + next_entry], nibbles), high, scale[pair], minimum[pair]);
+          mma_16816(out[out_index(b, entry_pair, high)], v, p0, p1);
+        }
+      }
+    }
+  }
+
+  // The block's warps into one part per row.
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int offset = 4; offset < 32; offset *= 2) run_sum[j] += __shfl_xor_sync(~0u, run_sum[j], offset);
+  __syncthreads();  // every warp is done with its ring
+  if (g == 0) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) warp_max[warp][2 * t + j] = run_max[j], warp_sum[warp][2 * t + j] = run_sum[j];
+  }
+#pragma unroll
+  for (int b = 0; b < kBlocks; ++b)
+#pragma unroll
+    for (int pair = 0; pair < 2; ++pair)
+#pragma unroll
+      for (int high = 0; high < 2; ++high) {
+        const float* o = out[out_index(b, pair, high)];
+        const int entry = out_entry<kDim>(b, pair, high, g);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) warp_out[warp][2 * t + i % 2][entry + i / 2] = o[i];
+      }
+  __syncthreads();
+  for (int e = threadIdx.x; e < a.rows * kDim; e += kWarps * 32) {
+    const int row = e / kDim, entry = e % kDim;
+    float best = -kInf;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) best = fmaxf(best, warp_max[w][row]);
+    float total = 0.f, norm = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float weight = warp_max[w][row] == -kInf ? 0.f : __expf(warp_max[w][row] - best);  // a warp without tiles
+      total += weight * warp_out[w][row][entry];
+      norm += weight * warp_sum[w][row];
+    }
+    const int part = (head * a.splits + split) * a.rows + row;
+    a.part_out[size_t(part) * kDim + entry] = total;
+    if (entry == 0) a.part_max[part] = best, a.part_sum[part] = norm;
+  }
+}
+
+}  // namespace
+
+cudaError_t cache_attention_parts(const CacheAttentionArgs& a, int dim, int kv_heads, bool overlap,
+                                  cudaStream_t stream) {
+  const dim3 grid(kv_heads, a.splits), block(kWarps * 32);
+  if (dim == 128) return launch_dependent(cache_attention_kernel<128>, grid, block, 0, overlap, stream, a);
+  if (dim == 64) return launch_dependent(cache_attention_kernel<64>, grid, block, 0, overlap, stream, a);
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t cache_attention_resident_blocks(int dim, int* blocks) {
+  int device = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess)
+    err = dim == 128 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, cache_attention_kernel<128>, kWarps * 32, 0)
+                     : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, cache_attention_kernel<64>, kWarps * 32, 0);
+  *blocks = sms * per_sm;
+  return err;
+}
+
+}  // namespace q4

@@ -1,0 +1,43 @@
+// Launch interface of the decode attention over a 4-bit KV cache (cache_attention.cu), for the binding.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace q4 {
+
+// One decode step's attention parts over a 4-bit cache, in the form of fused.py's Triton parts kernel,
+// whose merge kernel combines them: for KV head h, split s and query row r (of `rows`, at most 8), part
+// (h * splits + s) * rows + r holds the unnormalized output, the largest score and the sum of exp(score -
+// largest) over the split's slots. Split s takes slots s P .. s P + P - 1, P being the length over the
+// splits rounded up to whole tiles of 16 slots; a split past the length holds -inf, 0 and zeros.
+struct CacheAttentionArgs {
+  const half* q;           // query row r: q + (r / group) * q_row_stride + (h * group + r % group) * dim
+  int q_row_stride;
+  int group;               // query heads per KV head
+  int rows;                // query rows per KV head, 1..8
+  const uint8_t* keys;     // [kv_heads, max_seq, dim / 2], entry j low nibble, entry dim / 2 + j high
+  const half* key_scales;  // [kv_heads, max_seq, dim / 32, 2]: (scale, minimum) per 32 entries
+  const uint8_t* values;
+  const half* value_scales;
+  int max_seq;
+  const int64_t* length;   // slots 0 .. *length + length_bias - 1 are attended to
+  int length_bias;
+  int splits;
+  float scale;             // of the scores, dim^-0.5
+  float* part_out;         // [kv_heads * splits * rows, dim]
+  float* part_max;         // [kv_heads * splits * rows]
+  float* part_sum;
+};
+
+// dim is 64 or 128. overlap: launch as a programmatic dependent (sm_90+), as the Triton kernels around
+// it are.
+cudaError_t cache_attention_parts(const CacheAttentionArgs& args, int dim, int kv_heads, bool overlap,
+                                  cudaStream_t stream);
+
+// How many blocks of the kernel for heads of `dim` entries the current GPU holds at once.
+cudaError_t cache_attention_resident_blocks(int dim, int* blocks);
+
+}  // namespace q4

@@ -1,0 +1,98 @@
+// What the 4-bit weight kernels (q4_kernels.cu) and the 4-bit cache attention (cache_attention.cu)
+// share: bit casts, turning 4-bit levels into float16 without a conversion instruction, the m16n8k16
+// tensor-core product, and programmatic dependent launch.
+#pragma once
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace q4 {
+
+__device__ __forceinline__ __half2 as_half2(uint32_t bits) {
+  __half2 h;
+  memcpy(&h, &bits, sizeof(h));
+  return h;
+}
+
+__device__ __forceinline__ uint32_t as_u32(__half2 h) {
+  uint32_t bits;
+  memcpy(&bits, &h, sizeof(bits));
+  return bits;
+}
+
+// (a & b) | c in one instruction; written out because the compiler splits it in two when b and
+// c are both constants (an instruction takes one immediate).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// Or-ing the nibbles at bits 0-3 and 16-19 of a word into the mantissa of 1024.0 gives the half2
+// (1024 + l0, 1024 + l1), exact; the nibbles at bits 4-7 and 20-23 give (1024 + 16 l0, 1024 + 16 l1).
+constexpr uint32_t kLowNibbles = 0x000F000Fu, kHighNibbles = 0x00F000F0u, kHalf1024 = 0x64006400u;
+
+__device__ __forceinline__ uint32_t biased_levels(uint32_t word, uint32_t nibble_mask) {
+  return and_or(word, nibble_mask, kHalf1024);
+}
+
+// scale * l + offset from biased_levels' (1024 + l) (high = false) or (1024 + 16 l) (high = true): l is
+// recovered exactly first, so the only rounding is the fused multiply-add's.
+__device__ __forceinline__ uint32_t dequantize_levels(uint32_t biased, bool high, __half2 scale, __half2 offset) {
+  const __half2 k1024 = as_half2(kHalf1024);
+  const __half2 kSixteenth = as_half2(0x2C002C00u);  // 1/16
+  const __half2 kMinus64 = as_half2(0xD400D400u);    // -1024 / 16
+  const __half2 levels = high ? __hfma2(as_half2(biased), kSixteenth, kMinus64) : __hsub2(as_half2(biased), k1024);
+  return as_u32(__hfma2(levels, scale, offset));
+}
+
+// c += a b: a 16 x 16 float16 tile (row-major, four registers per lane), b 16 x 8 (two registers), c
+// float32. Lane 4g + t holds a (g, 2t..2t+1), (g+8, 2t..2t+1), (g, 2t+8..2t+9), (g+8, 2t+8..2t+9); b (2t..2t+1,
+// g), (2t+8..2t+9, g); c (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1).
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Programmatic dependent launch (sm_90): the next kernel in the stream may start while this one
+// finishes, and a kernel must not read what the previous kernel wrote before waiting for it.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_next_kernel() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Launch kernel(args...) on grid x block threads, as a programmatic dependent of the previous kernel in
+// `stream` where `overlap` asks for it and the GPU has it (sm_90+).
+template <typename Kernel, typename... Args>
+cudaError_t launch_dependent(Kernel kernel, dim3 grid, dim3 block, size_t shared_bytes, bool overlap,
+                             cudaStream_t stream, const Args&... args) {
+  int device = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = overlap && major >= 9 ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+}  // namespace q4
