@@ -48,23 +48,6 @@ struct Stage {
                        kValueScales = kKeyScales + kTile * kScaleBytes, kBytes = kValueScales + kTile * kScaleBytes;
 };
 
-template <int kBytes>
-__device__ __forceinline__ void copy_async(unsigned char* shared, const void* global) {
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(shared));
-  if constexpr (kBytes == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(global));
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(address), "l"(global), "n"(kBytes));
-  }
-}
-
-__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int kPending>
-__device__ __forceinline__ void wait_copies() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
-
 // Start copying the tile at slot `tile` of the head whose slots start at `first` into `stage`; the
 // lanes share the copies. Slots past `last` copy slot `last` again: their scores are masked, and the
 // reads stay inside the cache.
@@ -77,14 +60,14 @@ __device__ __forceinline__ void issue_tile(unsigned char* stage, const CacheAtte
   for (int c = lane; c < kTile * kChunks; c += 32) {
     const int row = c / kChunks, offset = c % kChunks * 16;
     const size_t slot = first + min(tile + row, last);
-    copy_async<16>(stage + S::kKeys + row * S::kRowBytes + offset, a.keys + slot * S::kSlotBytes + offset);
-    copy_async<16>(stage + S::kValues + row * S::kRowBytes + offset, a.values + slot * S::kSlotBytes + offset);
+    copy_bypassing_l1(stage + S::kKeys + row * S::kRowBytes + offset, a.keys + slot * S::kSlotBytes + offset);
+    copy_bypassing_l1(stage + S::kValues + row * S::kRowBytes + offset, a.values + slot * S::kSlotBytes + offset);
   }
   const int row = lane % kTile;
   const size_t slot = first + min(tile + row, last);
   const half* scales = lane < kTile ? a.key_scales : a.value_scales;
-  copy_async<S::kScaleBytes>(stage + (lane < kTile ? S::kKeyScales : S::kValueScales) + row * S::kScaleBytes,
-                             scales + slot * (kDim / 16));
+  copy_through_l1<S::kScaleBytes>(stage + (lane < kTile ? S::kKeyScales : S::kValueScales) + row * S::kScaleBytes,
+                                  scales + slot * (kDim / 16));
 }
 
 // What one lane reads of a tile.
@@ -132,23 +115,35 @@ __device__ __forceinline__ void read_tile(TileBytes<kDim>& d, const unsigned cha
   }
 }
 
-// Score mma step (b, e, high) covers entries e0 .. e0 + 3 of every lane t, e0 = 32b + 8t + 4e (+ dim/2
-// for the high nibbles).
-__device__ __forceinline__ constexpr int step_index(int b, int e, int high) { return (b * 2 + e) * 2 + high; }
-
-// Output tile (b, pair, high) holds entry 32b + 4g + 2 pair (+ dim/2) in A row g and the next entry in
-// row g + 8.
-__device__ __forceinline__ constexpr int out_index(int b, int pair, int high) { return (b * 2 + pair) * 2 + high; }
+// Mma step i of either product, in a slot's packed bytes: 32-byte block i / 4, its half i / 2 % 2, and the
+// low (i even) or high nibbles, which hold the entries of group `block` or of group block + dim/64.
+// - Score step i covers entries e0 .. e0 + 3 of every lane t, e0 = 32 block + 8t + 4 half (+ dim/2 for the
+//   high nibbles): the word at byte 32 block + 8t + 4 half of slots g and g + 8.
+// - Output tile i holds entry 32 block + 4g + 2 half (+ dim/2) in A row g and the next entry in row g + 8.
+template <int kDim>
+struct Step {
+  int block, half;
+  bool high;
+  __device__ __forceinline__ int group() const { return block + (high ? kDim / 64 : 0); }
+  __device__ __forceinline__ int first_entry() const { return 32 * block + (high ? kDim / 2 : 0); }
+  __device__ __forceinline__ uint32_t nibbles() const { return high ? kHighNibbles : kLowNibbles; }
+};
 
 template <int kDim>
-__device__ __forceinline__ int out_entry(int b, int pair, int high, int g) {
-  return 32 * b + 4 * g + 2 * pair + (high ? kDim / 2 : 0);
+__device__ __forceinline__ constexpr Step<kDim> step_at(int i) { return {i / 4, i / 2 % 2, i % 2 == 1}; }
+
+// Field f of the slot pair (2t, 2t + 1) (pair 0) or (2t + 8, 2t + 9) (pair 1) in a 32-byte block: entry
+// 32 block + 4g + f of both slots side by side, as the A registers of the output pair them.
+template <int kDim>
+__device__ __forceinline__ uint32_t value_field(const TileBytes<kDim>& d, int block, int pair, int f) {
+  const uint32_t bytes = __byte_perm(d.values[2 * pair][block], d.values[2 * pair + 1][block], f < 2 ? 0x5410 : 0x7632);
+  return f % 2 ? bytes >> 8 : bytes;
 }
 
 template <int kDim>
 __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const CacheAttentionArgs a) {
   using Bytes = TileBytes<kDim>;
-  constexpr int kBlocks = Bytes::kBlocks, kSteps = kDim / 16;
+  constexpr int kSteps = kDim / 16;
   const float kInf = __int_as_float(0x7f800000);
   // The warps' rings, and after the walk the warps' states for the merge.
   __shared__ __align__(16) unsigned char shared[kWarps * kStages * Stage<kDim>::kBytes];
@@ -171,15 +166,12 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
   if (g < a.rows) {
     const half* q = a.q + size_t(g / a.group) * a.q_row_stride + size_t(head * a.group + g % a.group) * kDim;
 #pragma unroll
-    for (int b = 0; b < kBlocks; ++b)
-#pragma unroll
-      for (int e = 0; e < 2; ++e)
-#pragma unroll
-        for (int high = 0; high < 2; ++high) {
-          const int e0 = 32 * b + 8 * t + 4 * e + (high ? kDim / 2 : 0), i = step_index(b, e, high);
-          q_frag[i][0] = as_u32(__halves2half2(q[e0], q[e0 + 2]));
-          q_frag[i][1] = as_u32(__halves2half2(q[e0 + 1], q[e0 + 3]));
-        }
+    for (int i = 0; i < kSteps; ++i) {
+      const Step step = step_at<kDim>(i);
+      const int e0 = step.first_entry() + 8 * t + 4 * step.half;
+      q_frag[i][0] = as_u32(__halves2half2(q[e0], q[e0 + 2]));
+      q_frag[i][1] = as_u32(__halves2half2(q[e0 + 1], q[e0 + 3]));
+    }
   }
 
   // Rows 2t and 2t + 1: the running maximum (the same in every lane of a column), this lane's share of
@@ -193,10 +185,10 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
     if (i < tiles) issue_tile<kDim>(ring + i * Stage<kDim>::kBytes, a, first, tile_at(i), length - 1, lane);
     commit_copies();  // empty groups too: wait_copies counts groups
   }
-  for (int i = 0; i < tiles; ++i) {
-    const int tile = tile_at(i);
-    unsigned char* stage = ring + i % kStages * Stage<kDim>::kBytes;
-    wait_copies<kStages - 1>();  // this lane's copies of tile i have landed
+  for (int n = 0; n < tiles; ++n) {
+    const int tile = tile_at(n);
+    unsigned char* stage = ring + n % kStages * Stage<kDim>::kBytes;
+    wait_copies<kStages - 1>();  // this lane's copies of tile n have landed
     __syncwarp();                // and so have the other lanes'
     Bytes cur;
     read_tile(cur, stage, g, t);
@@ -204,25 +196,19 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
     // Scores: c[i] is slot g (i < 2) or g + 8, row 2t + i % 2. Two accumulator sets halve the mma chain.
     float c[2][4] = {};
 #pragma unroll
-    for (int b = 0; b < kBlocks; ++b)
+    for (int i = 0; i < kSteps; ++i) {
+      const Step step = step_at<kDim>(i);
+      uint32_t k[4];
 #pragma unroll
-      for (int e = 0; e < 2; ++e)
-#pragma unroll
-        for (int high = 0; high < 2; ++high) {
-          const int group = b + (high ? kBlocks : 0);
-          const uint32_t nibbles = high ? kHighNibbles : kLowNibbles;
-          uint32_t k[4];
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const uint32_t word = e ? cur.keys[r][b].y : cur.keys[r][b].x;
-            const __half2 pair = as_half2(cur.key_scales[r][group]);
-            const __half2 scale = __low2half2(pair), minimum = __high2half2(pair);
-            k[r] = dequantize_levels(biased_levels(word, nibbles), high, scale, minimum);
-            k[2 + r] = dequantize_levels(biased_levels(word >> 8, nibbles), high, scale, minimum);
-          }
-          const int i = step_index(b, e, high);
-          mma_16816(c[i % 2], k, q_frag[i][0], q_frag[i][1]);
-        }
+      for (int r = 0; r < 2; ++r) {
+        const uint32_t word = step.half ? cur.keys[r][step.block].y : cur.keys[r][step.block].x;
+        const __half2 pair = as_half2(cur.key_scales[r][step.group()]);
+        const __half2 scale = __low2half2(pair), minimum = __high2half2(pair);
+        k[r] = dequantize_levels(biased_levels(word, step.nibbles()), step.high, scale, minimum);
+        k[2 + r] = dequantize_levels(biased_levels(word >> 8, step.nibbles()), step.high, scale, minimum);
+      }
+      mma_16816(c[i % 2], k, q_frag[i][0], q_frag[i][1]);
+    }
     float s[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -265,46 +251,27 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
     const uint32_t p1 = __byte_perm(__shfl_sync(~0u, p_high, from), __shfl_sync(~0u, p_high, from + 4), half_of_row);
 
 #pragma unroll
-    for (int b = 0; b < kBlocks; ++b) {
-      // Bytes 0-1 and 2-3 of the word of slots (2t, 2t + 1) and of slots (2t + 8, 2t + 9), side by side:
-      // field f of a slot pair is entry 32b + 4g + f of both slots.
-      uint32_t fields[2][4];
+    for (int i = 0; i < kSteps; ++i) {
+      const Step step = step_at<kDim>(i);
+      uint32_t v[4];
 #pragma unroll
       for (int pair = 0; pair < 2; ++pair) {
-        const uint32_t bytes01 = __byte_perm(cur.values[2 * pair][b], cur.values[2 * pair + 1][b], 0x5410);
-        const uint32_t bytes23 = __byte_perm(cur.values[2 * pair][b], cur.values[2 * pair + 1][b], 0x7632);
-        fields[pair][0] = bytes01, fields[pair][1] = bytes01 >> 8;
-        fields[pair][2] = bytes23, fields[pair][3] = bytes23 >> 8;
-      }
+        // The scales and minimums of the pair's two slots, side by side like their entries.
+        const __half2 first_slot = as_half2(cur.value_scales[2 * pair][step.group()]);
+        const __half2 second_slot = as_half2(cur.value_scales[2 * pair + 1][step.group()]);
+        const __half2 scale = __lows2half2(first_slot, second_slot), minimum = __highs2half2(first_slot, second_slot);
 #pragma unroll
-      for (int high = 0; high < 2; ++high) {
-        const int group = b + (high ? kBlocks : 0);
-        const uint32_t nibbles = high ? kHighNibbles : kLowNibbles;
-        __half2 scale[2], minimum[2];
-#pragma unroll
-        for (int pair = 0; pair < 2; ++pair) {
-          const __half2 first_slot = as_half2(cur.value_scales[2 * pair][group]);
-          const __half2 second_slot = as_half2(cur.value_scales[2 * pair + 1][group]);
-          scale[pair] = __lows2half2(first_slot, second_slot);
-          minimum[pair] = __highs2half2(first_slot, second_slot);
-        }
-#pragma unroll
-        for (int entry_pair = 0; entry_pair < 2; ++entry_pair) {
-          uint32_t v[4];
-#pragma unroll
-          for (int pair = 0; pair < 2; ++pair)
-#pragma unroll
-            for (int next_entry = 0; next_entry < 2; ++next_entry)
-              v[2 * pair + next_entry] = dequantize_levels(
-                  biased_levels(fields[pair][2 * entry_pair + next_entry], nibbles), high, scale[pair], minimum[pair]);
-          mma_16816(out[out_index(b, entry_pair, high)], v, p0, p1);
+        for (int next_entry = 0; next_entry < 2; ++next_entry) {
+          const uint32_t field = value_field(cur, step.block, pair, 2 * step.half + next_entry);
+          v[2 * pair + next_entry] = dequantize_levels(biased_levels(field, step.nibbles()), step.high, scale, minimum);
         }
       }
+      mma_16816(out[i], v, p0, p1);
     }
     // Every lane has read the stage: refill it. Refilling only now, not right after the reads, lets the
     // compiler keep the reads near their uses instead of the whole tile in registers (5% faster).
     __syncwarp();
-    if (i + kStages < tiles) issue_tile<kDim>(stage, a, first, tile_at(i + kStages), length - 1, lane);
+    if (n + kStages < tiles) issue_tile<kDim>(stage, a, first, tile_at(n + kStages), length - 1, lane);
     commit_copies();
   }
 
@@ -319,16 +286,12 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
     for (int j = 0; j < 2; ++j) warp_max[warp][2 * t + j] = run_max[j], warp_sum[warp][2 * t + j] = run_sum[j];
   }
 #pragma unroll
-  for (int b = 0; b < kBlocks; ++b)
+  for (int i = 0; i < kSteps; ++i) {
+    const Step step = step_at<kDim>(i);
+    const int entry = step.first_entry() + 4 * g + 2 * step.half;
 #pragma unroll
-    for (int pair = 0; pair < 2; ++pair)
-#pragma unroll
-      for (int high = 0; high < 2; ++high) {
-        const float* o = out[out_index(b, pair, high)];
-        const int entry = out_entry<kDim>(b, pair, high, g);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) warp_out[warp][2 * t + i % 2][entry + i / 2] = o[i];
-      }
+    for (int j = 0; j < 4; ++j) warp_out[warp][2 * t + j % 2][entry + j / 2] = out[i][j];
+  }
   __syncthreads();
   for (int e = threadIdx.x; e < a.rows * kDim; e += kWarps * 32) {
     const int row = e / kDim, entry = e % kDim;
@@ -348,23 +311,27 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
   }
 }
 
+// The kernel for heads of `dim` entries, or nullptr.
+void (*kernel_for(int dim))(CacheAttentionArgs) {
+  return dim == 128 ? cache_attention_kernel<128> : dim == 64 ? cache_attention_kernel<64> : nullptr;
+}
+
 }  // namespace
 
 cudaError_t cache_attention_parts(const CacheAttentionArgs& a, int dim, int kv_heads, bool overlap,
                                   cudaStream_t stream) {
-  const dim3 grid(kv_heads, a.splits), block(kWarps * 32);
-  if (dim == 128) return launch_dependent(cache_attention_kernel<128>, grid, block, 0, overlap, stream, a);
-  if (dim == 64) return launch_dependent(cache_attention_kernel<64>, grid, block, 0, overlap, stream, a);
-  return cudaErrorInvalidValue;
+  const auto kernel = kernel_for(dim);
+  if (kernel == nullptr) return cudaErrorInvalidValue;
+  return launch_dependent(kernel, dim3(kv_heads, a.splits), dim3(kWarps * 32), 0, overlap, stream, a);
 }
 
 cudaError_t cache_attention_resident_blocks(int dim, int* blocks) {
+  const auto kernel = kernel_for(dim);
+  if (kernel == nullptr) return cudaErrorInvalidValue;
   int device = 0, sms = 0, per_sm = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess)
-    err = dim == 128 ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, cache_attention_kernel<128>, kWarps * 32, 0)
-                     : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, cache_attention_kernel<64>, kWarps * 32, 0);
+  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, 0);
   *blocks = sms * per_sm;
   return err;
 }

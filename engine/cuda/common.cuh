@@ -1,6 +1,6 @@
 // What the 4-bit weight kernels (q4_kernels.cu) and the 4-bit cache attention (cache_attention.cu)
 // share: bit casts, turning 4-bit levels into float16 without a conversion instruction, the m16n8k16
-// tensor-core product, and programmatic dependent launch.
+// tensor-core product, copies into shared memory, and programmatic dependent launch.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -57,6 +57,29 @@ __device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint3
       "{%8, %9}, {%0, %1, %2, %3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Copies from global to shared memory that the thread waits for later (cp.async, sm_80). Data read once
+// per block bypasses L1 (16 bytes a copy); data that several lanes read goes through it (4, 8 or 16).
+__device__ __forceinline__ void copy_bypassing_l1(void* shared, const void* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(shared)), "l"(global));
+}
+
+template <int kBytes = 16>
+__device__ __forceinline__ void copy_through_l1(void* shared, const void* global) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(shared_address(shared)), "l"(global), "n"(kBytes));
+}
+
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// Wait until at most kPending of this thread's most recent commit groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void wait_copies() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
 // Programmatic dependent launch (sm_90): the next kernel in the stream may start while this one

@@ -82,28 +82,6 @@ __device__ __forceinline__ void dequant_word(uint32_t word, __half2 scale0, __ha
   a[3] = dequantize_levels(biased[3], true, scale1, offset1);
 }
 
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Weights and LoRA factors bypass L1 (read once per block); scales go through it (the four lanes of
-// a quad share them).
-__device__ __forceinline__ void copy_bypassing_l1(void* shared, const void* global) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_address(shared)), "l"(global));
-}
-
-__device__ __forceinline__ void copy_through_l1(void* shared, const void* global) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(shared_address(shared)), "l"(global));
-}
-
-__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-// Wait until at most kPending of this thread's most recent commit groups are still in flight.
-template <int kPending>
-__device__ __forceinline__ void wait_copies() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
-
 // What a lane holds for one step: its words of the step's tiles, the (scale, offset) of its outputs g
 // and g + 8 in both output tiles, and 16 activations of each 8-row slice of x for each input tile.
 // Lanes past the last row read the last row again: their mma columns are never stored, so nothing
