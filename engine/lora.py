@@ -116,6 +116,11 @@ class LoraStack(nn.Module):
         """Take x @ mixed^T, computed with x by the module that wrote x, for the next forward pass on x."""
         self._input, self._product = x, product
 
+    def gated_kernel(self, x: torch.Tensor):
+        """The base stack's (LinearStack.gated_kernel) while no adapter applies: an update must join gate and up
+        before the activation."""
+        return None if self.active else self.base.gated_kernel(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return self.base(x)
@@ -164,6 +169,10 @@ class LoraSiluMul(SiluMul):
         out, parts = fused.silu_mul_project(gate_up, reader.mixed)
         reader.hold(out, parts)
         return out
+
+    def may_fuse(self) -> bool:
+        # While an update of the down stack applies, this module's kernel also writes that update's first product.
+        return not self.reader[0].active
 
 
 # The module that computes a LoraStack's first product along with its input, by the type of the one it replaces.

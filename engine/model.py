@@ -73,6 +73,12 @@ class LinearStack(nn.Module):
             return self.parts[0](x, low_rank)
         return add_low_rank(torch.cat([part(x) for part in self.parts], dim=-1), low_rank)
 
+    def gated_kernel(self, x: torch.Tensor):
+        """For a stack of SwiGLU's gate and up run by one 4-bit CUDA kernel that can compute silu(gate) * up of x in
+        its epilogue (engine.cuda.q4.PreparedQ4.gates), that kernel; else None."""
+        kernel = getattr(self.parts[0], "kernel", None) if len(self.parts) == 1 else None
+        return kernel if kernel is not None and kernel.gates(x) else None
+
 
 def take_stack(weights: dict, prefix: str, path: str) -> LinearStack:
     """The stack at `path` of a block, its layers' weights taken out of `weights` (prefix: the module's own)."""
@@ -200,6 +206,10 @@ class SiluMul(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def may_fuse(self) -> bool:
+        """Whether the product that writes gate and up may compute this activation itself (FeedForward)."""
+        return True
+
 
 class FeedForward(nn.Module):
     def __init__(self, weights: dict, prefix: str):
@@ -209,7 +219,11 @@ class FeedForward(nn.Module):
         self.down_proj = take_stack(weights, prefix, "mlp.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        # On a decode step the 4-bit kernel of gate and up computes the activation in its epilogue, which saves a
+        # launch and the trip of gate and up through memory.
+        kernel = self.gate_up_proj.gated_kernel(x) if self.act.may_fuse() else None
+        activation = kernel(x, gated=True) if kernel is not None else self.act(self.gate_up_proj(x))
+        return self.down_proj(activation)
 
 
 class Block(nn.Module):

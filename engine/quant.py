@@ -99,6 +99,8 @@ class Q4Linear(torch.nn.Module):
         self.register_buffer("scale", scale.contiguous())
         self.register_buffer("offset", offset.contiguous())
         self.register_buffer("perm", None if perm is None else perm.to(torch.int64).contiguous())
+        # The widths of the layers stacked into this one (`stack`), in output order; a plain layer is one.
+        self.stacked_outputs = (out_features,)
         # A dequantized copy, kept when the caller trades memory for speed (the CPU path does).
         self.dense: torch.Tensor | None = None
         # The CUDA kernels' own copy of the weights (engine.cuda.q4.PreparedQ4), when they can run this layer.
@@ -119,8 +121,10 @@ class Q4Linear(torch.nn.Module):
                 layer.perm is None or torch.equal(layer.perm, first.perm))
             if layer.group_size != first.group_size or layer.in_features != first.in_features or not same_perm:
                 return None
-        return cls(torch.cat([layer.packed for layer in layers], 1), torch.cat([layer.scale for layer in layers], 1),
-                   torch.cat([layer.offset for layer in layers], 1), first.group_size, first.perm)
+        stacked = cls(torch.cat([layer.packed for layer in layers], 1), torch.cat([layer.scale for layer in layers], 1),
+                      torch.cat([layer.offset for layer in layers], 1), first.group_size, first.perm)
+        stacked.stacked_outputs = tuple(width for layer in layers for width in layer.stacked_outputs)
+        return stacked
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = 128) -> "Q4Linear":

@@ -183,3 +183,95 @@ def test_matmul_adds_a_low_rank_update_in_its_epilogue(rows, in_features, out_fe
     q4.prepare(layer).matmul(x, out, low_rank=(h, b))
     expected = reference(layer, x) + h.double() @ b.double().t()
     assert relative_error(out, expected) < 2e-3
+
+
+def random_stack(in_features, width, group_size, act_order, generator, device="cpu") -> Q4Linear:
+    """A stack of two random layers of `width` outputs sharing one input order, like SwiGLU's gate and up."""
+    gate = random_layer(in_features, width, group_size, act_order, generator, device)
+    up = random_layer(in_features, width, group_size, False, generator, device)
+    up.perm = gate.perm
+    return Q4Linear.stack([gate, up])
+
+
+def test_paired_halves_sit_side_by_side_in_each_slice():
+    """A stack of two equal layers is stored paired: prepared output 32s + 16h + o is output h n + 16s + o."""
+    gen = torch.Generator().manual_seed(11)
+    stack = random_stack(256, 48, 64, False, gen)
+    assert q4.pairs_halves(stack) and not q4.pairs_halves(random_layer(256, 96, 64, False, gen))
+    assert not q4.pairs_halves(Q4Linear.stack([random_layer(256, 40, 64, False, gen)] * 2))  # 40: not whole tiles
+    order = q4.paired_order(stack.out_features)
+    weights, scales = q4.repack(stack.packed[:, order], stack.scale[:, order], stack.offset[:, order], 64)
+    dense = emulate_kernel_weights(weights.numpy(), scales.numpy(), 64)
+    want = stack.dequantize(torch.float32).numpy()
+    for prepared in range(96):
+        s, h, o = prepared // 32, prepared % 32 // 16, prepared % 16
+        np.testing.assert_array_equal(dense[prepared, :256], want[h * 48 + 16 * s + o])
+
+
+@needs_gpu
+@pytest.mark.parametrize(("in_features", "width", "group_size", "act_order"), [
+    (4096, 11008, 128, False),  # Llama-2-7B's gate and up: blocks take several slices
+    (1088, 2064, 32, True),  # the per-weight path; 4128 outputs: the many-row path dequantizes two parts
+    (2056, 48, -1, True),  # one group per row and act-order, inputs not a multiple of 64, 3 slices
+])
+def test_paired_halves_give_the_stack_its_own_output_order(in_features, width, group_size, act_order):
+    """Pairing is invisible to callers: y, with or without a LoRA update, is in the stack's order at any row count."""
+    gen = torch.Generator().manual_seed(in_features + width)
+    stack = random_stack(in_features, width, group_size, act_order, gen, device="cuda")
+    prepared = q4.prepare(stack)
+    assert prepared.paired
+    b = (torch.randn(2 * width, 16, generator=gen) * 0.1).half().cuda()
+    for rows in (1, 5, 16, 17):
+        x = torch.randn(rows, in_features, generator=gen).half().cuda()
+        h = torch.randn(rows, 16, generator=gen).half().cuda()
+        for low_rank in (None, (h, b)):
+            out = torch.full((rows, 2 * width), float("nan"), dtype=torch.float16, device="cuda")
+            prepared.matmul(x, out, low_rank=low_rank)
+            expected = reference(stack, x)
+            if low_rank is not None:
+                expected += h.double() @ b.double().t()
+            err = relative_error(out, expected)
+            assert err < 2e-3, f"rows={rows} lora={low_rank is not None}: relative error {err:.2e}"
+
+
+@needs_gpu
+@pytest.mark.parametrize(("in_features", "width", "group_size", "act_order"), [
+    (4096, 11008, 128, False),
+    (1088, 96, 32, False),
+    (2056, 48, -1, True),
+])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16])
+def test_gated_matmul_computes_swiglu_in_its_epilogue(in_features, width, group_size, act_order, rows):
+    """y = silu(x @ gate^T) * (x @ up^T) from the paired stack of gate and up, against float64 products of the
+    float32 dequantized weights, with x read from global memory and staged in shared memory."""
+    ext = cuda.extension()
+    gen = torch.Generator().manual_seed(in_features + rows)
+    stack = random_stack(in_features, width, group_size, act_order, gen, device="cuda")
+    prepared = q4.prepare(stack)
+    x = torch.randn(rows, in_features, generator=gen).half().cuda()
+    gate, up = reference(stack, x).split(width, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    fits = rows * (-(-in_features // q4.STEP_K) * q4.STEP_K + 8) * 2 <= ext.max_staged_bytes(rows, 0, 1,
+                                                                                            prepared.folded)
+    assert prepared.gates(x)
+    for mode in (1, 2) if fits else (1,):
+        out = torch.full((rows, width), float("nan"), dtype=torch.float16, device="cuda")
+        prepared.matmul(x, out, gated=True, mode=mode)
+        err = relative_error(out, expected)
+        assert err < 2e-3, f"mode={mode}: relative error {err:.2e}"
+
+
+@needs_gpu
+def test_gated_matmul_refuses_what_its_epilogue_cannot_do():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 256, generator=gen).half().cuda()
+    unpaired = q4.prepare(random_layer(256, 96, 128, False, gen, device="cuda"))
+    assert not unpaired.paired and not unpaired.gates(x)
+    with pytest.raises(ValueError, match="gated product"):
+        unpaired.matmul(x, gated=True)
+    paired = q4.prepare(random_stack(256, 64, 128, False, gen, device="cuda"))
+    assert paired.gates(x) and not paired.gates(torch.randn(17, 256).half().cuda())
+    with pytest.raises(ValueError, match="gated product"):
+        paired.matmul(torch.randn(17, 256).half().cuda(), gated=True)
+    with pytest.raises(ValueError, match="gated product"):
+        paired.matmul(x, gated=True, low_rank=(torch.zeros(1, 8).cuda(), torch.zeros(128, 8).half().cuda()))

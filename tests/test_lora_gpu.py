@@ -64,3 +64,35 @@ def test_graphed_decode_with_adapters_matches_the_many_row_path(adapted_model):
     # The adapters change the logits, so the comparison above could fail.
     assert (seen[str(mixes[0])] - seen[str({})]).abs().max() > 0.1
     assert (seen[str(mixes[3])] - seen[str(mixes[0])]).abs().max() > 0.1
+
+
+def test_the_mlp_activation_runs_in_the_gate_up_kernel_unless_an_adapter_needs_it(adapted_model, monkeypatch):
+    """A decode step's silu(gate) * up comes from the epilogue of the 4-bit kernel of gate and up, unless an applied
+    adapter needs gate and up (its update joins them first) or the activation (the down stack's update projects
+    it in the same kernel); a prompt's many rows take the activation kernel."""
+    from engine.cuda import fused
+
+    calls = []
+
+    def counted(name):
+        original = getattr(fused, name)
+
+        def call(*args):
+            calls.append(name)
+            return original(*args)
+        return call
+
+    for name in ("silu_mul", "silu_mul_project"):
+        monkeypatch.setattr(fused, name, counted(name))
+    model, layers = adapted_model.model, len(adapted_model.model.layers)
+
+    def run(mix, tokens):
+        calls.clear()
+        adapted_model.adapters.activate(mix)
+        with torch.inference_mode():
+            model(torch.arange(tokens, device="cuda").view(1, -1) + 7, 0)
+        return calls
+
+    assert run({}, 1) == []
+    assert run({"alpha": 1.0}, 1) == ["silu_mul_project"] * layers
+    assert run({}, 20) == ["silu_mul"] * layers

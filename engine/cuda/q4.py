@@ -16,6 +16,11 @@ output o0 for even i, o1 for odd i, and input b + 4j + [0, 0, 2, 2, 1, 1, 3, 3][
 which `mask | 0x6400` turns nibble pairs into the half2 A fragments of an m16n8k16 mma.
 The group of input k is umulhi(k, ceil(2**32 / group_size)), exact while padded_in * group_size
 <= 2**32; groups' adds zero groups to cover the padded inputs.
+
+A stack of two layers of equal width n, a multiple of 16 (SwiGLU's gate and up), is stored paired: the
+outputs above are then, slice by slice, 16 outputs of the first layer and the same 16 of the second
+(prepared output 32s + 16h + o is output h n + 16s + o of the stack). Each slice then holds both inputs
+of 16 activations, which the kernel can compute in its epilogue; y keeps the stack's order either way.
 """
 
 from __future__ import annotations
@@ -101,12 +106,20 @@ class PreparedQ4:
     in_features: int
     out_features: int
     folded: bool  # each kernel step's inputs share one group, which the kernel's faster path needs
+    paired: bool  # the outputs are two halves (gate and up) stored paired, see the top of the file
+
+    def gates(self, x: torch.Tensor) -> bool:
+        """Whether `matmul(x, gated=True)` takes x: the layer's halves are paired and x has at most
+        MAX_KERNEL_ROWS rows."""
+        return self.paired and x.shape[:-1].numel() <= MAX_KERNEL_ROWS
 
     def matmul(self, x: torch.Tensor, out: torch.Tensor | None = None, *, low_rank: LowRank | None = None,
-               mode: int = 0, overlap: bool = True) -> torch.Tensor:
+               gated: bool = False, mode: int = 0, overlap: bool = True) -> torch.Tensor:
         """y = x[..., perm] @ W^T for x [..., in_features] float16; written into `out` if given.
         `low_rank` (h, b) adds h @ b^T, a LoRA update, in the kernel's epilogue; h is [..., rank] like x,
-        or partial sums [parts, ..., rank].
+        or partial sums [parts, ..., rank]. `gated` (where `gates(x)`, without low_rank): the layer is a stack of
+        SwiGLU's gate and up, and y [..., out_features / 2] is silu(gate) * up, computed in the kernel's epilogue
+        instead of a kernel of its own.
 
         For tests and the benchmark: `mode` picks how the kernel reads x (0 chooses: shared memory
         when it fits; 1 global memory; 2 shared memory), and `overlap=False` turns off starting
@@ -114,24 +127,28 @@ class PreparedQ4:
         """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected {self.in_features} input features, got {x.shape[-1]}")
+        if gated and (low_rank is not None or not self.gates(x)):
+            raise ValueError(f"a gated product takes a layer of paired halves, 1 to {MAX_KERNEL_ROWS} rows and no "
+                             "LoRA update")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
+        width = self.out_features // 2 if gated else self.out_features
         if out is None:
-            y = x2.new_empty(rows, self.out_features)
+            y = x2.new_empty(rows, width)
         else:
-            if out.shape != (*lead, self.out_features) or not out.is_contiguous():
-                raise ValueError(f"out must be contiguous with shape {(*lead, self.out_features)}")
-            y = out.view(rows, self.out_features)
+            if out.shape != (*lead, width) or not out.is_contiguous():
+                raise ValueError(f"out must be contiguous with shape {(*lead, width)}")
+            y = out.view(rows, width)
         if rows == 0:
-            return y.view(*lead, self.out_features)
+            return y.view(*lead, width)
         h, b = (None, None) if low_rank is None else low_rank
         if h is not None:  # [rows, rank], or partial sums [parts, rows, rank]
             h = h.reshape(h.shape[0], rows, -1) if h.dim() > x.dim() else h.reshape(rows, -1)
         ext = extension()
         if rows <= MAX_KERNEL_ROWS:
-            ext.matmul(x2, self.weights, self.scales, self.perm, self.group_magic, self.folded, self.out_features, y, h,
-                       b, mode, overlap)
+            ext.matmul(x2, self.weights, self.scales, self.perm, self.group_magic, self.folded, self.paired,
+                       self.out_features, y, h, b, gated, mode, overlap)
         else:
             if self.perm is not None:
                 x2 = x2.index_select(1, self.perm)
@@ -142,14 +159,30 @@ class PreparedQ4:
                 stop = min(start + DEQUANTIZE_OUTPUTS, self.out_features)
                 slices = slice(start // SLICE_N, -(-stop // SLICE_N))
                 part = ext.dequantize(self.weights[slices], self.scales[slices], self.group_magic, self.in_features,
-                                      stop - start)
-                torch.matmul(x2, part.t(), out=y[:, start:stop])
+                                      stop - start, self.paired)
+                if self.paired:  # the part holds its slices' outputs of the first half, then of the second
+                    half, second = (stop - start) // 2, self.out_features // 2 + start // 2
+                    torch.matmul(x2, part[:half].t(), out=y[:, start // 2:start // 2 + half])
+                    torch.matmul(x2, part[half:].t(), out=y[:, second:second + half])
+                else:
+                    torch.matmul(x2, part.t(), out=y[:, start:stop])
                 del part  # before the next part is dequantized: one at a time is all the planner counts
             if low_rank is not None:
                 add_low_rank(y, (h, b), in_place=True)
-        return y.view(*lead, self.out_features)
+        return y.view(*lead, width)
 
     __call__ = matmul
+
+
+def pairs_halves(layer: Q4Linear) -> bool:
+    """Whether the layer is a stack of two layers that the kernels store paired (see the top of the file)."""
+    widths = layer.stacked_outputs
+    return len(widths) == 2 and widths[0] == widths[1] and widths[0] % (SLICE_N // 2) == 0
+
+
+def paired_order(out_features: int) -> torch.Tensor:
+    """The stack's outputs in paired order: 16 of the first half, the same 16 of the second, and so on."""
+    return torch.arange(out_features).view(2, -1, SLICE_N // 2).transpose(0, 1).reshape(-1)
 
 
 def prepare(layer: Q4Linear) -> PreparedQ4:
@@ -159,8 +192,12 @@ def prepare(layer: Q4Linear) -> PreparedQ4:
     problem = unsupported_reason(layer)
     if problem:
         raise ValueError(f"the 4-bit CUDA kernels cannot run this layer: {problem}")
-    weights, scales = repack(layer.packed, layer.scale.to(torch.float16), layer.offset.to(torch.float16),
-                             layer.group_size)
+    packed, scale, offset = layer.packed, layer.scale, layer.offset
+    paired = pairs_halves(layer)
+    if paired:
+        order = paired_order(layer.out_features).to(packed.device)
+        packed, scale, offset = packed[:, order], scale[:, order], offset[:, order]
+    weights, scales = repack(packed, scale.to(torch.float16), offset.to(torch.float16), layer.group_size)
     # The kernel starts loading weights before the previous kernel in its stream has finished
     # (programmatic dependent launch), so they must be complete before any launch that reads them.
     torch.cuda.synchronize(weights.device)
@@ -172,4 +209,5 @@ def prepare(layer: Q4Linear) -> PreparedQ4:
         in_features=layer.in_features,
         out_features=layer.out_features,
         folded=layer.group_size % STEP_K == 0 or layer.group_size == layer.in_features,
+        paired=paired,
     )

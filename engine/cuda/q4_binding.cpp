@@ -49,12 +49,13 @@ void check_prepared(const torch::Tensor& weights, const torch::Tensor& scales, i
 }
 
 // y[rows, out] = x[rows, in][:, perm] @ W^T for 1..16 rows. `folded`: every 128 inputs of a step share one
-// group (q4_kernels.h). `mode` (0 choose, 1 read x from global memory, 2 stage x in shared memory) and
-// `overlap` (see q4_kernels.h) exist for tests and the benchmark.
+// group; `paired`: the outputs are two halves stored paired (q4_kernels.h). `gated` (paired only): y [rows,
+// out / 2] gets silu(first half) * second half. `mode` (0 choose, 1 read x from global memory, 2 stage x in
+// shared memory) and `overlap` (see q4_kernels.h) exist for tests and the benchmark.
 torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scales, std::optional<torch::Tensor> perm,
-                     int64_t group_magic, bool folded, int64_t out_features, torch::Tensor y,
-                     std::optional<torch::Tensor> lora_h,
-                     std::optional<torch::Tensor> lora_b, int64_t mode, bool overlap) {
+                     int64_t group_magic, bool folded, bool paired, int64_t out_features, torch::Tensor y,
+                     std::optional<torch::Tensor> lora_h, std::optional<torch::Tensor> lora_b, bool gated,
+                     int64_t mode, bool overlap) {
   const int64_t in_features = x.size(-1);
   check_prepared(weights, scales, in_features, out_features);
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kFloat16 && x.dim() == 2,
@@ -62,9 +63,13 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scale
   TORCH_CHECK(x.get_device() == weights.get_device(), "q4: x is on another device than the weights");
   const int64_t rows = x.size(0);
   TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "q4: the kernel takes 1 to 16 rows, got ", rows);
+  TORCH_CHECK(!paired || out_features % kSliceN == 0, "q4: paired halves must fill whole slices");
+  TORCH_CHECK(!gated || (paired && !lora_b), "q4: a gated product needs paired halves and no LoRA update");
+  const int64_t y_features = gated ? out_features / 2 : out_features;
   TORCH_CHECK(y.is_cuda() && y.scalar_type() == torch::kFloat16 && y.is_contiguous() && y.dim() == 2 &&
-                  y.size(0) == rows && y.size(1) == out_features && y.get_device() == x.get_device(),
-              "q4: y must be a contiguous float16 CUDA tensor [rows, out_features]");
+                  y.size(0) == rows && y.size(1) == y_features && y.get_device() == x.get_device(),
+              "q4: y must be a contiguous float16 CUDA tensor [rows, out_features], or [rows, out_features / 2] "
+              "gated");
   TORCH_CHECK(mode >= 0 && mode <= 2, "q4: mode must be 0, 1 or 2");
   if (perm) {
     TORCH_CHECK(perm->is_cuda() && perm->scalar_type() == torch::kInt32 && perm->is_contiguous() &&
@@ -119,6 +124,8 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scale
   args.folded = folded;
   args.y = reinterpret_cast<half*>(y.data_ptr<at::Half>());
   args.out_features = int(out_features);
+  args.paired = paired;
+  args.gated = gated;
   if (in_epilogue) {
     args.lora_h = h.data_ptr<float>();
     args.lora_h_stride = int(h.stride(1));
@@ -136,8 +143,9 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scale
 
 // The dense float16 [out, in] weight, for row counts where a cuBLAS product beats the kernel.
 torch::Tensor dequantize(torch::Tensor weights, torch::Tensor scales, int64_t group_magic, int64_t in_features,
-                         int64_t out_features) {
+                         int64_t out_features, bool paired) {
   check_prepared(weights, scales, in_features, out_features);
+  TORCH_CHECK(!paired || out_features % kSliceN == 0, "q4: paired halves must fill whole slices");
   const c10::cuda::CUDAGuard guard(weights.device());
   auto w = torch::empty({out_features, in_features}, scales.options());
   q4::DequantArgs args{};
@@ -149,6 +157,7 @@ torch::Tensor dequantize(torch::Tensor weights, torch::Tensor scales, int64_t gr
   args.group_magic = uint32_t(group_magic);
   args.in_features = int(in_features);
   args.out_features = int(out_features);
+  args.paired = paired;
   args.w = reinterpret_cast<half*>(w.data_ptr<at::Half>());
   const cudaError_t err = q4::dequantize(args, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "q4 dequantize launch failed: ", cudaGetErrorString(err));
@@ -233,7 +242,8 @@ int64_t cache_attention_resident_blocks(int64_t dim) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("matmul", &matmul, "4-bit matrix product for 1..16 rows (writes and returns y)");
+  m.def("matmul", &matmul, "4-bit matrix product for 1..16 rows, optionally with SwiGLU's activation (writes and "
+        "returns y)");
   m.def("dequantize", &dequantize, "dense float16 [out, in] weight from the prepared layout");
   m.def("cache_attention_parts", &cache_attention_parts, "one decode step's attention parts over a 4-bit KV cache");
   m.def("cache_attention_resident_blocks", &cache_attention_resident_blocks,

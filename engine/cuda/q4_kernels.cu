@@ -28,6 +28,8 @@
 //    busy across slices, and x is staged once per block.
 //  - A LoRA update's factors (h for every row, b for the slice at hand) are copied into shared
 //    memory while the weights stream, so the epilogue that adds h @ b^T waits for no load.
+//  - SwiGLU's gate and up are stored paired, 16 outputs of each in every slice, so that the epilogue
+//    can write silu(gate) * up in place of both: a decode step's activation kernel is gone.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -95,6 +97,21 @@ struct Step {
 };
 
 __device__ __forceinline__ int lane_row(int r, int g, int rows) { return min(r * 8 + g, rows - 1); }
+
+// Where output `prepared` of the layout (slice * kSliceN + o) belongs: its column of y and row of the dense
+// weight. Paired outputs (q4_kernels.h) go back to their halves' order.
+__device__ __forceinline__ int output_column(int prepared, int out_features, bool paired) {
+  if (!paired) return prepared;
+  const int slice = prepared / kSliceN, o = prepared % kSliceN;
+  return o / 16 * (out_features / 2) + slice * 16 + o % 16;
+}
+
+// silu(gate) * up, each rounded to float16 first, as the unfused path's product stores them for its
+// activation kernel.
+__device__ __forceinline__ half silu_mul(float gate, float up) {
+  const float g = __half2float(__float2half_rn(gate)), u = __half2float(__float2half_rn(up));
+  return __float2half_rn(g / (1.f + __expf(-g)) * u);
+}
 
 // x for a step whose first input tile starts at k0 - 16 t (this lane's 16 inputs of each tile).
 template <int kTilesK, int kRowTiles>
@@ -285,7 +302,7 @@ __device__ __forceinline__ LowRankStage low_rank_stage(unsigned char* shared, co
 __device__ __forceinline__ void stage_low_rank_b(const LowRankStage& stage, const MatmulArgs& a, int slice) {
   const int chunks_per_row = a.lora_rank / 8;
   for (int c = threadIdx.x; c < kSliceN * chunks_per_row; c += kWarps * 32) {
-    const int col = slice * kSliceN + c / chunks_per_row;
+    const int col = output_column(slice * kSliceN + c / chunks_per_row, a.out_features, a.paired);
     if (col < a.out_features)
       copy_bypassing_l1(stage.b + c * 8, a.lora_b + size_t(col) * a.lora_rank + (c % chunks_per_row) * 8);
   }
@@ -503,14 +520,26 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kSta
     }
     if (kLowRank && k_steps < kStages) wait_copies<0>();
     __syncthreads();
-    for (int e = threadIdx.x; e < kSliceN * a.rows; e += kWarps * 32) {
-      const int o = e % kSliceN, row = e / kSliceN;
-      float sum = 0.f;
+    if (a.gated) {
+      // One (gate, up) pair per thread: output o of the slice's tile 0 and of its tile 1.
+      static_assert(16 * 16 <= kWarps * 32, "a slice's pairs for 16 rows: one per thread");
+      const int o = threadIdx.x % 16, row = threadIdx.x / 16, width = a.out_features / 2;
+      if (row < a.rows) {
+        float gate = 0.f, up = 0.f;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) sum += partial[w][o][row];
-      if (kLowRank) sum += low_rank_dot(low_rank, a, o, row);
-      const int col = cur.slice * kSliceN + o;
-      if (col < a.out_features) a.y[size_t(row) * a.out_features + col] = __float2half_rn(sum);
+        for (int w = 0; w < kWarps; ++w) gate += partial[w][o][row], up += partial[w][o + 16][row];
+        a.y[size_t(row) * width + cur.slice * 16 + o] = silu_mul(gate, up);
+      }
+    } else {
+      for (int e = threadIdx.x; e < kSliceN * a.rows; e += kWarps * 32) {
+        const int o = e % kSliceN, row = e / kSliceN;
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum += partial[w][o][row];
+        if (kLowRank) sum += low_rank_dot(low_rank, a, o, row);
+        const int col = output_column(cur.slice * kSliceN + o, a.out_features, a.paired);
+        if (col < a.out_features) a.y[size_t(row) * a.out_features + col] = __float2half_rn(sum);
+      }
     }
     __syncthreads();  // partial and the staged b are read before the next slice overwrites them
     cur.k_step = 0;
@@ -546,7 +575,7 @@ __global__ void dequantize_kernel(const DequantArgs a) {
   }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int out = slice * kSliceN + tile * 16 + g + 8 * h;
+    const int out = output_column(slice * kSliceN + tile * 16 + g + 8 * h, a.out_features, a.paired);
     if (out >= a.out_features) continue;
     uint4* dst = reinterpret_cast<uint4*>(a.w + size_t(out) * a.in_features + k0);
     if (k0 + 8 <= uint32_t(a.in_features)) dst[0] = make_uint4(rows[h][0], rows[h][1], rows[h][2], rows[h][3]);

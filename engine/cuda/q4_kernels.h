@@ -22,8 +22,14 @@ struct MatmulArgs {
   int groups_pad;
   uint32_t group_magic;   // group of input k = umulhi(k, group_magic)
   bool folded;            // each warp step's 128 inputs share one group (q4_kernels.cu's folded path)
-  half* y;                // [rows, out_features]
+  half* y;                // [rows, out_features], or [rows, out_features / 2] when gated
   int out_features;
+  // The outputs are two halves of equal width (gate and up) stored paired: slice s holds outputs 16 s ..
+  // 16 s + 15 of the first half in its tile 0 and the same outputs of the second half in its tile 1
+  // (q4.py `repack`). y keeps the halves' own order either way.
+  bool paired;
+  // Paired only: y gets SwiGLU's activation silu(first half) * second half, not the two halves.
+  bool gated;
   // A LoRA update added in the epilogue, y += h @ b^T, when rank > 0, with h the sum of `lora_parts`
   // partial sums. The kernel copies h and b into shared memory 16 bytes at a time: the rank is a
   // multiple of 8, the strides of h multiples of 4, both 16-byte aligned.
@@ -44,6 +50,7 @@ struct DequantArgs {
   uint32_t group_magic;
   int in_features;
   int out_features;
+  bool paired;            // as in MatmulArgs
   half* w;                // [out_features, in_features]
 };
 
