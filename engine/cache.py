@@ -146,11 +146,10 @@ class KVCache:
         return rows == 1 == self.shape[0]
 
     def fused_attend(self, q, k, v, cos, sin, positions: torch.Tensor, cache_len: int) -> torch.Tensor:
-        """attend for one token on the GPU, q [1, heads, head_dim] and k, v [1, kv_heads, head_dim], in two
-        fused kernels: RoPE with the cache write, then attention over slots 0..position (of at most cache_len)."""
-        fused.rope_and_store(q, k, v, cos, sin, positions, self.keys.kernel_args(), self.values.kernel_args())
-        return fused.decode_attention(q[0], self.keys.kernel_args(0), self.values.kernel_args(0), positions,
-                                      cache_len)
+        """attend for one token on the GPU, q [1, heads, head_dim] and k, v [1, kv_heads, head_dim] before RoPE,
+        in fused kernels: RoPE, the cache write and attention over slots 0..position (of at most cache_len)."""
+        return fused.decode_attention(q[0], k[0], v[0], cos, sin, positions, self.keys.kernel_args(0),
+                                      self.values.kernel_args(0), cache_len)
 
 
 PROMPT_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]

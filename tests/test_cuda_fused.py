@@ -84,8 +84,9 @@ def filled_cache(kv_heads, dim, slots, length, kind, batch=1):
         part.data.fill_(float("nan") if part.scales is None else 0)
         if part.scales is not None:
             part.scales.fill_(float("nan"))
-    history = torch.randn(2, batch, kv_heads, length, dim, device=CUDA, dtype=torch.float16)
-    cache.write(history[0], history[1], torch.arange(length, device=CUDA), length)
+    if length:
+        history = torch.randn(2, batch, kv_heads, length, dim, device=CUDA, dtype=torch.float16)
+        cache.write(history[0], history[1], torch.arange(length, device=CUDA), length)
     return cache
 
 
@@ -105,29 +106,49 @@ def assert_stored_as_the_eager_path_stores(part, slot, x):
     assert off.float().mean() < 0.01 and ((ours - expected).abs() <= level * 1.01 + 1e-3)[off].all()
 
 
-@pytest.mark.parametrize("kind", list(KV_CACHE_KINDS))
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 32, 128), (32, 8, 128)])
-def test_rope_and_store_then_attention(heads, kv_heads, dim, kind):
-    """One token's rotation and cache write, then its attention over slots 0..position, against the float32
-    PyTorch reference over what the cache holds; a quantized cache's entries against the eager quantizing."""
-    max_seq, position = 1024, 700
-    cache = filled_cache(kv_heads, dim, max_seq, position, kind)
+def new_token(heads, kv_heads, dim):
+    """A token's q, k and v before RoPE, the rotary rows of its position, and q and k rotated in float32."""
     q, k, v = (torch.randn(n, dim, device=CUDA, dtype=torch.float16) for n in (heads, kv_heads, kv_heads))
     cos, sin = rotary_row(dim)
-    q_ref = apply_rope(q.float(), cos.float(), sin.float())
-    k_ref = apply_rope(k.float(), cos.float(), sin.float())
+    return q, k, v, cos, sin, apply_rope(q.float(), cos.float(), sin.float()), apply_rope(k.float(), cos.float(),
+                                                                                          sin.float())
 
+
+@pytest.mark.parametrize("kind", list(KV_CACHE_KINDS))
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 8, 128)])
+def test_rope_and_store(heads, kv_heads, dim, kind):
+    """One token's rotation (q in place) and cache write; a quantized cache's entries against the eager
+    quantizing."""
+    position = 700
+    cache = filled_cache(kv_heads, dim, 1024, position, kind)
+    q, k, v, cos, sin, q_ref, k_ref = new_token(heads, kv_heads, dim)
     pos = torch.tensor([position], device=CUDA)
     fused.rope_and_store(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cos, sin, pos, cache.keys.kernel_args(),
                          cache.values.kernel_args())
     assert relative_error(q, q_ref) < 2e-3
     assert_stored_as_the_eager_path_stores(cache.keys, position, k_ref)
     assert_stored_as_the_eager_path_stores(cache.values, position, v.float())
-    out_ref = grouped_attention(q_ref.view(1, heads, 1, dim), cache.keys.read(position + 1).float(),
-                                cache.values.read(position + 1).float(), torch.zeros(1, position + 1, device=CUDA))
-    for bucket in (position + 1, max_seq):
-        out = fused.decode_attention(q, cache.keys.kernel_args(0), cache.values.kernel_args(0), pos, bucket)
-        assert relative_error(out.view(1, heads, 1, dim), out_ref) < 2e-3
+
+
+@pytest.mark.parametrize("kind", list(KV_CACHE_KINDS))
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 32, 128), (32, 8, 128)])
+# The new slot: the first, the first of a block of 64 slots, the last of one, and one inside a long context.
+@pytest.mark.parametrize("position", [0, 64, 127, 700])
+def test_decode_attention_rotates_stores_and_attends(heads, kv_heads, dim, kind, position):
+    """One token's step from q, k and v before RoPE: k and v stored at the position, and the attention over
+    slots 0..position against the float32 PyTorch reference over what the cache then holds, whether the slots
+    are split among few programs (a bucket of the length) or many (a bucket of 1024)."""
+    for bucket in (position + 1, 1024):
+        cache = filled_cache(kv_heads, dim, 1024, position, kind)
+        q, k, v, cos, sin, q_ref, k_ref = new_token(heads, kv_heads, dim)
+        out = fused.decode_attention(q, k, v, cos, sin, torch.tensor([position], device=CUDA),
+                                     cache.keys.kernel_args(0), cache.values.kernel_args(0), bucket)
+        assert_stored_as_the_eager_path_stores(cache.keys, position, k_ref)
+        assert_stored_as_the_eager_path_stores(cache.values, position, v.float())
+        out_ref = grouped_attention(q_ref.view(1, heads, 1, dim), cache.keys.read(position + 1).float(),
+                                    cache.values.read(position + 1).float(), torch.zeros(1, position + 1, device=CUDA))
+        err = relative_error(out.view(1, heads, 1, dim), out_ref)
+        assert err < 2e-3, f"bucket {bucket}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("kind", ["full", "k8v4", "q4"])
@@ -223,11 +244,11 @@ def test_decode_over_a_4bit_cache_takes_the_cuda_kernel_where_it_serves(monkeypa
     launch = kernel.cache_attention_parts
     monkeypatch.setattr(kernel, "cache_attention_parts", lambda *args: calls.append(1) or launch(*args))
     heads, dim, length = 32, 128, 300
-    cache = filled_cache(heads, dim, 512, length, "q4")
-    q = torch.randn(heads, dim, device=CUDA, dtype=torch.float16)
-    out = fused.decode_attention(q, cache.keys.kernel_args(0), cache.values.kernel_args(0),
-                                 torch.tensor([length - 1], device=CUDA), 512)
-    out_ref = grouped_attention(q.float().view(1, heads, 1, dim), cache.keys.read(length).float(),
+    cache = filled_cache(heads, dim, 512, length - 1, "q4")
+    q, k, v, cos, sin, q_ref, _ = new_token(heads, heads, dim)
+    out = fused.decode_attention(q, k, v, cos, sin, torch.tensor([length - 1], device=CUDA),
+                                 cache.keys.kernel_args(0), cache.values.kernel_args(0), 512)
+    out_ref = grouped_attention(q_ref.view(1, heads, 1, dim), cache.keys.read(length).float(),
                                 cache.values.read(length).float(), torch.zeros(1, length, device=CUDA))
     assert calls == [1] and relative_error(out.view(1, heads, 1, dim), out_ref) < 2e-3
 

@@ -7,7 +7,8 @@ At batch 1 every small PyTorch op is a kernel of a few microseconds, and a Llama
 them; these kernels do each job in one launch. Attention reads the valid length from a tensor, so a
 graph captured for a bucket of cache lengths reads only the filled slots, and one read of a KV head's
 cache serves all the query rows that use it: the heads of a GQA group, and the same heads of every
-sample that continues a shared context.
+sample that continues a shared context. For one sequence the attention kernel also rotates the new token's
+q and k and writes its key and value to the cache, so that a step's attention is one launch and the merge.
 
 Attention over a 4-bit cache runs a CUDA kernel of the compiled extension instead where it can
 (cache_attention.cu).
@@ -77,22 +78,36 @@ def _kernels():
         tl.store(y_ptr + row * n + cols, (x * rstd).to(w.dtype) * w, mask=mask)
 
     @triton.jit
-    def quantize_groups(x, scales_ptr, BITS: tl.constexpr, HALF: tl.constexpr):
-        # x [HALF] (float32) as levels 0 .. 2^BITS - 1, 32 entries a group, storing each group's (scale, minimum)
-        # at scales_ptr: what cache.quantize computes, with the same float16 rounding and IEEE division.
-        groups = tl.reshape(x, (HALF // 32, 32))
+    def group_levels(x, BITS: tl.constexpr, N: tl.constexpr):
+        # x [N] (float32) as levels 0 .. 2^BITS - 1 [N // 32, 32] (float32) and each group of 32 entries' scale and
+        # minimum (float16): what cache.quantize computes, with the same float16 rounding and IEEE division.
+        groups = tl.reshape(x, (N // 32, 32))
         low = tl.min(groups, axis=1)
         high = tl.max(groups, axis=1)
         levels = tl.zeros_like(low) + ((1 << BITS) - 1)
         scale = tl.math.div_rn(high - low, levels).to(tl.float16)
         minimum = low.to(tl.float16)
+        divisor = tl.where(scale > 0, scale.to(tl.float32), 1.0)
+        steps = tl.math.div_rn(groups - minimum.to(tl.float32)[:, None], divisor[:, None])
+        return tl.minimum(tl.maximum(tl.floor(steps + 0.5), 0.0), levels[:, None]), scale, minimum
+
+    @triton.jit
+    def quantize_groups(x, scales_ptr, BITS: tl.constexpr, HALF: tl.constexpr):
+        # x [HALF] (float32) as levels (group_levels), storing each group's (scale, minimum) at scales_ptr.
+        q, scale, minimum = group_levels(x, BITS, HALF)
         g = tl.arange(0, HALF // 32)
         tl.store(scales_ptr + 2 * g, scale)
         tl.store(scales_ptr + 2 * g + 1, minimum)
-        divisor = tl.where(scale > 0, scale.to(tl.float32), 1.0)
-        steps = tl.math.div_rn(groups - minimum.to(tl.float32)[:, None], divisor[:, None])
-        q = tl.minimum(tl.maximum(tl.floor(steps + 0.5), 0.0), levels[:, None])
         return tl.reshape(q.to(tl.int32), (HALF,))
+
+    @triton.jit
+    def as_stored(x, data_ptr, BITS: tl.constexpr, DIM: tl.constexpr):
+        # A vector x [DIM] (float32) as a cache of BITS that stores it would give it back (load_vectors).
+        if BITS == 16:
+            return x.to(data_ptr.dtype.element_ty).to(tl.float32)
+        else:
+            q, scale, minimum = group_levels(x, BITS, DIM)
+            return tl.reshape(q * scale.to(tl.float32)[:, None] + minimum.to(tl.float32)[:, None], (DIM,))
 
     @triton.jit
     def store_head(data_ptr, scales_ptr, slot, a, b, BITS: tl.constexpr, HALF: tl.constexpr):
@@ -113,6 +128,12 @@ def _kernels():
                 tl.store(data_ptr + slot * 2 * HALF + HALF + i, qb.to(tl.uint8))
             else:  # 4 bits: byte j holds entry j and, in its high nibble, entry HALF + j
                 tl.store(data_ptr + slot * HALF + i, (qa | (qb << 4)).to(tl.uint8))
+
+    @triton.jit
+    def store_vector(data_ptr, scales_ptr, slot, x, BITS: tl.constexpr, DIM: tl.constexpr):
+        # store_head for a whole vector x [DIM].
+        a, b = tl.split(tl.permute(tl.reshape(x, (2, DIM // 2)), (1, 0)))
+        store_head(data_ptr, scales_ptr, slot, a, b, BITS, DIM // 2)
 
     @triton.jit
     def load_vectors(data_ptr, scales_ptr, slots, valid, BITS: tl.constexpr, DIM: tl.constexpr,
@@ -195,13 +216,18 @@ def _kernels():
     @triton.jit
     def attention_parts_kernel(q_ptr, keys_ptr, key_scales_ptr, values_ptr, value_scales_ptr, length_ptr,
                                length_bias, part_out_ptr, part_max_ptr, part_sum_ptr, rows, q_row_stride, max_seq,
-                               scale, splits, GROUP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
-                               BLOCK: tl.constexpr, KEY_BITS: tl.constexpr, VALUE_BITS: tl.constexpr,
-                               PDL: tl.constexpr):
+                               scale, splits, k_ptr, v_ptr, cos_ptr, sin_ptr, GROUP: tl.constexpr,
+                               ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr, KEY_BITS: tl.constexpr,
+                               VALUE_BITS: tl.constexpr, NEW: tl.constexpr, PDL: tl.constexpr):
         # Program (kv head, split, row block): the split's share of cache slots 0 .. length - 1 (length =
         # *length_ptr + length_bias) for ROWS query rows of that KV head, with an online softmax; the
         # merge kernel combines the parts. Query row r is head (kv head * GROUP + r % GROUP) of sample
         # r // GROUP, so one read of the cache serves a GQA group, or the same head of many samples.
+        # With NEW, the last slot is one sample's new token: q, and its key and value at k_ptr and v_ptr
+        # [kv_heads, DIM], come before RoPE (cos_ptr and sin_ptr: the position's angles). The kernel rotates
+        # them itself, and program (kv head, 0, 0) stores the key and value in the cache. That store may land
+        # after other programs have read, so every program reads the slots before the last from the cache,
+        # and the split that holds the last one takes the new token from its registers, as stored.
         follow_previous_kernel(PDL)
         kv_head = tl.program_id(0)
         split = tl.program_id(1)
@@ -212,12 +238,27 @@ def _kernels():
         d = tl.arange(0, DIM)
         q_rows = (r // GROUP) * q_row_stride + (kv_head * GROUP + r % GROUP) * DIM
         q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=(r < rows)[:, None], other=0.0)
+        cached = length
+        if NEW:
+            # Entry d turns with entry d + DIM / 2 (mod DIM) by angle d mod DIM / 2, as rope_store_kernel does.
+            partner = (d + DIM // 2) % DIM
+            cos = tl.load(cos_ptr + d % (DIM // 2)).to(tl.float32)
+            sin = tl.load(sin_ptr + d % (DIM // 2)).to(tl.float32) * tl.where(d < DIM // 2, -1.0, 1.0)
+            q_partner = tl.load(q_ptr + q_rows[:, None] + partner[None, :], mask=(r < rows)[:, None], other=0.0)
+            q = (q.to(tl.float32) * cos[None, :] + q_partner.to(tl.float32) * sin[None, :]).to(q.dtype)
+            new_k = tl.load(k_ptr + kv_head * DIM + d).to(tl.float32) * cos
+            new_k = (new_k + tl.load(k_ptr + kv_head * DIM + partner).to(tl.float32) * sin).to(k_ptr.dtype.element_ty)
+            new_v = tl.load(v_ptr + kv_head * DIM + d).to(tl.float32)
+            cached = length - 1
+            if (split == 0) & (tl.program_id(2) == 0):
+                store_vector(keys_ptr, key_scales_ptr, kv_head * max_seq + cached, new_k.to(tl.float32), KEY_BITS, DIM)
+                store_vector(values_ptr, value_scales_ptr, kv_head * max_seq + cached, new_v, VALUE_BITS, DIM)
         running_max = tl.full([ROWS], float("-inf"), tl.float32)
         running_sum = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, DIM], tl.float32)
-        for block_start in range(start, tl.minimum(start + per_split, length), BLOCK):
+        for block_start in range(start, tl.minimum(start + per_split, cached), BLOCK):
             n = block_start + tl.arange(0, BLOCK)
-            valid = n < length
+            valid = n < cached
             slots = kv_head * max_seq + n
             k = load_vectors(keys_ptr, key_scales_ptr, slots, valid, KEY_BITS, DIM, BLOCK).to(q.dtype)
             scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
@@ -229,6 +270,17 @@ def _kernels():
             v = load_vectors(values_ptr, value_scales_ptr, slots, valid, VALUE_BITS, DIM, BLOCK).to(q.dtype)
             acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
             running_max = new_max
+        if NEW:
+            if (start <= cached) & (cached < start + per_split):
+                stored_k = as_stored(new_k.to(tl.float32), keys_ptr, KEY_BITS, DIM)
+                stored_v = as_stored(new_v, values_ptr, VALUE_BITS, DIM)
+                score = tl.sum(q.to(tl.float32) * stored_k[None, :], axis=1) * scale
+                new_max = tl.maximum(running_max, score)
+                correction = tl.exp(running_max - new_max)
+                p = tl.exp(score - new_max)
+                running_sum = running_sum * correction + p
+                acc = acc * correction[:, None] + p[:, None] * stored_v[None, :]
+                running_max = new_max
         part = (kv_head * splits + split) * rows + r
         tl.store(part_out_ptr + part[:, None] * DIM + d[None, :], acc, mask=(r < rows)[:, None])
         tl.store(part_max_ptr + part, running_max, mask=r < rows)
@@ -527,16 +579,23 @@ def attention_splits(kv_heads: int, row_blocks: int, max_length: int, multiproce
     return max(1, streaming, filling)
 
 
-def decode_attention(q, keys, values, position, max_length: int) -> torch.Tensor:
-    """Attention of one token's q [q_heads, dim] (heads contiguous) over cache slots 0..position (a one-element
+def decode_attention(q, k, v, cos, sin, position, keys, values, max_length: int) -> torch.Tensor:
+    """One token's step of attention: rotate its q [q_heads, dim] and k [kv_heads, dim] (heads contiguous) by
+    the position's rows of the rotary tables (cos, sin), store k and v at slot `position` (a one-element
     tensor) of keys / values, each (data [kv_heads, slots, ...], scales, bits) as cache.CacheTensor.kernel_args
-    gives them for one row.
+    gives them for one row, and attend over slots 0..position. q may come back rotated.
 
     `max_length` bounds the position (the graph bucket): it sets how many splits share the work
-    (attention_splits).
+    (attention_splits). The Triton attention kernel does the rotation and the store itself, which spares a
+    launch; ahead of the CUDA kernel for a 4-bit cache, rope_and_store does them, q in place.
     """
     out = q.new_empty(q.shape)
-    _attention(q.unsqueeze(0), keys, values, position, 1, max_length, out.unsqueeze(0))
+    if _cache_attention_serves(q, keys[2], values[2], q.shape[0] // k.shape[0]):
+        one_row = [(data.unsqueeze(0), scales.unsqueeze(0), bits) for data, scales, bits in (keys, values)]
+        rope_and_store(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cos, sin, position, *one_row)
+        _attention(q.unsqueeze(0), keys, values, position, 1, max_length, out.unsqueeze(0))
+    else:
+        _attention(q.unsqueeze(0), keys, values, position, 1, max_length, out.unsqueeze(0), new=(k, v, cos, sin))
     return out
 
 
@@ -581,10 +640,12 @@ def _cache_attention_serves(q: torch.Tensor, key_bits: int, value_bits: int, row
             and cuda_kernels_available())
 
 
-def _attention(q, keys, values, length, length_bias: int, max_length: int, out, own=None) -> None:
+def _attention(q, keys, values, length, length_bias: int, max_length: int, out, own=None, new=None) -> None:
     """Attention of q [n, q_heads, dim] over slots 0..length + length_bias - 1 of keys / values (data [kv_heads,
     slots, ...], scales, bits) into out [n, q_heads, dim] (contiguous); with `own`, each sample also attends over
-    its own cache. q's rows may lie apart, as views into stacked q, k and v do."""
+    its own cache; with `new` (k, v, cos, sin), q of one sample and the last slot's key and value are given
+    before RoPE, and the Triton parts kernel rotates them and stores the key and value. q's rows may lie apart,
+    as views into stacked q, k and v do."""
     kernels = _kernels()
     (keys, key_scales, key_bits), (values, value_scales, value_bits) = keys, values
     samples, q_heads, dim = q.shape
@@ -611,10 +672,12 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
         extension().cache_attention_parts(q, keys, key_scales, values, value_scales, length, length_bias, splits,
                                           scale, part_out, part_max, part_sum)
     else:
+        new_k, new_v, cos, sin = new if new is not None else (q, q, q, q)  # q stands in for the pointers left unused
         _launch(kernels.attention_parts, (kv_heads, splits, row_blocks), q.device,
                 q, keys, key_scales, values, value_scales, length, length_bias, part_out, part_max, part_sum, rows,
-                q_row_stride, max_seq, scale, splits, GROUP=group, ROWS=rows_per_program, DIM=dim,
-                BLOCK=ATTENTION_BLOCK, KEY_BITS=key_bits, VALUE_BITS=value_bits, num_stages=stages)
+                q_row_stride, max_seq, scale, splits, new_k, new_v, cos, sin, GROUP=group, ROWS=rows_per_program,
+                DIM=dim, BLOCK=ATTENTION_BLOCK, KEY_BITS=key_bits, VALUE_BITS=value_bits, NEW=new is not None,
+                num_stages=stages)
     own_keys, own_values, own_slot, own_row_stride, own_capacity = own if own is not None else (q, q, length, 0, 0)
     _launch(kernels.merge_parts, (kv_heads, rows), q.device,
             part_out, part_max, part_sum, out, rows, q_row_stride, q_heads * dim, splits, q, own_keys, own_values,
