@@ -586,16 +586,10 @@ def decode_attention(q, k, v, cos, sin, position, keys, values, max_length: int)
     gives them for one row, and attend over slots 0..position. q may come back rotated.
 
     `max_length` bounds the position (the graph bucket): it sets how many splits share the work
-    (attention_splits). The Triton attention kernel does the rotation and the store itself, which spares a
-    launch; ahead of the CUDA kernel for a 4-bit cache, rope_and_store does them, q in place.
+    (attention_splits).
     """
     out = q.new_empty(q.shape)
-    if _cache_attention_serves(q, keys[2], values[2], q.shape[0] // k.shape[0]):
-        one_row = [(data.unsqueeze(0), scales.unsqueeze(0), bits) for data, scales, bits in (keys, values)]
-        rope_and_store(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), cos, sin, position, *one_row)
-        _attention(q.unsqueeze(0), keys, values, position, 1, max_length, out.unsqueeze(0))
-    else:
-        _attention(q.unsqueeze(0), keys, values, position, 1, max_length, out.unsqueeze(0), new=(k, v, cos, sin))
+    _attention(q.unsqueeze(0), keys, values, position, 1, max_length, out.unsqueeze(0), new=(k, v, cos, sin))
     return out
 
 
@@ -644,8 +638,9 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
     """Attention of q [n, q_heads, dim] over slots 0..length + length_bias - 1 of keys / values (data [kv_heads,
     slots, ...], scales, bits) into out [n, q_heads, dim] (contiguous); with `own`, each sample also attends over
     its own cache; with `new` (k, v, cos, sin), q of one sample and the last slot's key and value are given
-    before RoPE, and the Triton parts kernel rotates them and stores the key and value. q's rows may lie apart,
-    as views into stacked q, k and v do."""
+    before RoPE, to be rotated and stored first: the Triton parts kernel does that itself, which spares a launch;
+    ahead of the CUDA kernel for a 4-bit cache rope_and_store does, q in place. q's rows may lie apart, as views
+    into stacked q, k and v do."""
     kernels = _kernels()
     (keys, key_scales, key_bits), (values, value_scales, value_bits) = keys, values
     samples, q_heads, dim = q.shape
@@ -655,6 +650,12 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
     rows_per_program = min(MAX_ROWS_PER_PROGRAM, max(16, _next_pow2(rows)))  # tl.dot needs 16 rows or more
     row_blocks = -(-rows // rows_per_program)
     on_cache_kernel = _cache_attention_serves(q, key_bits, value_bits, rows)
+    if new is not None and on_cache_kernel:
+        k, v, cos, sin = new
+        one_row = [(data.unsqueeze(0), scales.unsqueeze(0), bits) for data, scales, bits in
+                   ((keys, key_scales, key_bits), (values, value_scales, value_bits))]
+        rope_and_store(q, k.unsqueeze(0), v.unsqueeze(0), cos, sin, length, *one_row)
+        new = None
     if on_cache_kernel:
         splits = cache_attention_splits(kv_heads, max_length, _resident_cache_attention_blocks(q.device, dim))
     else:
