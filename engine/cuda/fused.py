@@ -224,10 +224,10 @@ def _kernels():
         # merge kernel combines the parts. Query row r is head (kv head * GROUP + r % GROUP) of sample
         # r // GROUP, so one read of the cache serves a GQA group, or the same head of many samples.
         # With NEW, the last slot is one sample's new token: q, and its key and value at k_ptr and v_ptr
-        # [kv_heads, DIM], come before RoPE (cos_ptr and sin_ptr: the position's angles). The kernel rotates
-        # them itself, and program (kv head, 0, 0) stores the key and value in the cache. That store may land
-        # after other programs have read, so every program reads the slots before the last from the cache,
-        # and the split that holds the last one takes the new token from its registers, as stored.
+        # [kv_heads, DIM], come before RoPE (cos_ptr and sin_ptr: the position's angles). Every program rotates
+        # its q rows; the split that holds the last slot alone rotates the key, stores the key and value in the
+        # cache (its first row block) and takes the token from its registers, as stored. The store may land
+        # after other programs have read, so every program reads only the slots before the last.
         follow_previous_kernel(PDL)
         kv_head = tl.program_id(0)
         split = tl.program_id(1)
@@ -246,13 +246,7 @@ def _kernels():
             sin = tl.load(sin_ptr + d % (DIM // 2)).to(tl.float32) * tl.where(d < DIM // 2, -1.0, 1.0)
             q_partner = tl.load(q_ptr + q_rows[:, None] + partner[None, :], mask=(r < rows)[:, None], other=0.0)
             q = (q.to(tl.float32) * cos[None, :] + q_partner.to(tl.float32) * sin[None, :]).to(q.dtype)
-            new_k = tl.load(k_ptr + kv_head * DIM + d).to(tl.float32) * cos
-            new_k = (new_k + tl.load(k_ptr + kv_head * DIM + partner).to(tl.float32) * sin).to(k_ptr.dtype.element_ty)
-            new_v = tl.load(v_ptr + kv_head * DIM + d).to(tl.float32)
             cached = length - 1
-            if (split == 0) & (tl.program_id(2) == 0):
-                store_vector(keys_ptr, key_scales_ptr, kv_head * max_seq + cached, new_k.to(tl.float32), KEY_BITS, DIM)
-                store_vector(values_ptr, value_scales_ptr, kv_head * max_seq + cached, new_v, VALUE_BITS, DIM)
         running_max = tl.full([ROWS], float("-inf"), tl.float32)
         running_sum = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, DIM], tl.float32)
@@ -272,7 +266,14 @@ def _kernels():
             running_max = new_max
         if NEW:
             if (start <= cached) & (cached < start + per_split):
-                stored_k = as_stored(new_k.to(tl.float32), keys_ptr, KEY_BITS, DIM)
+                new_k = tl.load(k_ptr + kv_head * DIM + d).to(tl.float32) * cos
+                new_k += tl.load(k_ptr + kv_head * DIM + partner).to(tl.float32) * sin
+                new_k = new_k.to(k_ptr.dtype.element_ty).to(tl.float32)  # rounded as the eager path's keys are
+                new_v = tl.load(v_ptr + kv_head * DIM + d).to(tl.float32)
+                if tl.program_id(2) == 0:
+                    store_vector(keys_ptr, key_scales_ptr, kv_head * max_seq + cached, new_k, KEY_BITS, DIM)
+                    store_vector(values_ptr, value_scales_ptr, kv_head * max_seq + cached, new_v, VALUE_BITS, DIM)
+                stored_k = as_stored(new_k, keys_ptr, KEY_BITS, DIM)
                 stored_v = as_stored(new_v, values_ptr, VALUE_BITS, DIM)
                 score = tl.sum(q.to(tl.float32) * stored_k[None, :], axis=1) * scale
                 new_max = tl.maximum(running_max, score)
