@@ -32,7 +32,7 @@ bool epilogue_takes(const torch::Tensor& h, const torch::Tensor& b) {
 }
 
 void check_prepared(const torch::Tensor& weights, const torch::Tensor& scales, int64_t in_features,
-                    int64_t out_features) {
+                    int64_t out_features, bool paired) {
   TORCH_CHECK(weights.is_cuda() && weights.scalar_type() == torch::kInt32 && weights.is_contiguous() &&
                   weights.dim() == 5 && weights.size(2) == 2 && weights.size(3) == 32 && weights.size(4) == 4,
               "q4: weights must be contiguous int32 CUDA [slices, k_tiles, 2, 32, 4]");
@@ -46,6 +46,7 @@ void check_prepared(const torch::Tensor& weights, const torch::Tensor& scales, i
   TORCH_CHECK(weights.numel() / 4 < (int64_t(1) << 32) && scales.numel() / 8 < (int64_t(1) << 32),
               "q4: layer too large for 32-bit indexing");
   TORCH_CHECK(weights.get_device() == scales.get_device(), "q4: weights and scales on different devices");
+  TORCH_CHECK(!paired || out_features % kSliceN == 0, "q4: paired halves must fill whole slices");
 }
 
 // y[rows, out] = x[rows, in][:, perm] @ W^T for 1..16 rows. `folded`: every 128 inputs of a step share one
@@ -57,13 +58,12 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scale
                      std::optional<torch::Tensor> lora_h, std::optional<torch::Tensor> lora_b, bool gated,
                      int64_t mode, bool overlap) {
   const int64_t in_features = x.size(-1);
-  check_prepared(weights, scales, in_features, out_features);
+  check_prepared(weights, scales, in_features, out_features, paired);
   TORCH_CHECK(x.is_cuda() && x.scalar_type() == torch::kFloat16 && x.dim() == 2,
               "q4: x must be a 2-D float16 CUDA tensor");
   TORCH_CHECK(x.get_device() == weights.get_device(), "q4: x is on another device than the weights");
   const int64_t rows = x.size(0);
   TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "q4: the kernel takes 1 to 16 rows, got ", rows);
-  TORCH_CHECK(!paired || out_features % kSliceN == 0, "q4: paired halves must fill whole slices");
   TORCH_CHECK(!gated || (paired && !lora_b), "q4: a gated product needs paired halves and no LoRA update");
   const int64_t y_features = gated ? out_features / 2 : out_features;
   TORCH_CHECK(y.is_cuda() && y.scalar_type() == torch::kFloat16 && y.is_contiguous() && y.dim() == 2 &&
@@ -144,8 +144,7 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scale
 // The dense float16 [out, in] weight, for row counts where a cuBLAS product beats the kernel.
 torch::Tensor dequantize(torch::Tensor weights, torch::Tensor scales, int64_t group_magic, int64_t in_features,
                          int64_t out_features, bool paired) {
-  check_prepared(weights, scales, in_features, out_features);
-  TORCH_CHECK(!paired || out_features % kSliceN == 0, "q4: paired halves must fill whole slices");
+  check_prepared(weights, scales, in_features, out_features, paired);
   const c10::cuda::CUDAGuard guard(weights.device());
   auto w = torch::empty({out_features, in_features}, scales.options());
   q4::DequantArgs args{};
