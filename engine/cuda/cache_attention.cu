@@ -322,7 +322,7 @@ cudaError_t cache_attention_parts(const CacheAttentionArgs& a, int dim, int kv_h
                                   cudaStream_t stream) {
   const auto kernel = kernel_for(dim);
   if (kernel == nullptr) return cudaErrorInvalidValue;
-  return launch_dependent(kernel, dim3(kv_heads, a.splits), dim3(kWarps * 32), 0, overlap, stream, a);
+  return launch_dependent(kernel, dim3(kv_heads, a.splits), dim3(kWarps * 32), 0, overlap, 1, stream, a);
 }
 
 cudaError_t cache_attention_resident_blocks(int dim, int* blocks) {

@@ -3,6 +3,7 @@
 // tensor-core product, copies into shared memory, and programmatic dependent launch.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -96,10 +97,28 @@ __device__ __forceinline__ void allow_next_kernel() {
 #endif
 }
 
+// Thread block clusters (sm_90): the cluster's barrier, and where `p` in this block's shared memory lies in
+// block `rank`'s. Kernels reach them only when launched in clusters, which older GPUs never are.
+__device__ __forceinline__ void cluster_sync() {
+#if __CUDA_ARCH__ >= 900
+  cooperative_groups::this_cluster().sync();
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ T* cluster_shared(T* p, int rank) {
+#if __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#else
+  return p;
+#endif
+}
+
 // Launch kernel(args...) on grid x block threads, as a programmatic dependent of the previous kernel in
-// `stream` where `overlap` asks for it and the GPU has it (sm_90+).
+// `stream` where `overlap` asks for it and the GPU has it (sm_90+), in clusters of `cluster` blocks (sm_90+)
+// where that is above 1.
 template <typename Kernel, typename... Args>
-cudaError_t launch_dependent(Kernel kernel, dim3 grid, dim3 block, size_t shared_bytes, bool overlap,
+cudaError_t launch_dependent(Kernel kernel, dim3 grid, dim3 block, size_t shared_bytes, bool overlap, int cluster,
                              cudaStream_t stream, const Args&... args) {
   int device = 0, major = 0;
   cudaError_t err = cudaGetDevice(&device);
@@ -110,11 +129,17 @@ cudaError_t launch_dependent(Kernel kernel, dim3 grid, dim3 block, size_t shared
   config.blockDim = block;
   config.dynamicSmemBytes = shared_bytes;
   config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = overlap && major >= 9 ? 1 : 0;
+  cudaLaunchAttribute attributes[2];
+  config.attrs = attributes;
+  if (overlap && major >= 9) {
+    attributes[config.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[config.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    if (major < 9) return cudaErrorNotSupported;
+    attributes[config.numAttrs].id = cudaLaunchAttributeClusterDimension;
+    attributes[config.numAttrs++].val.clusterDim = {unsigned(cluster), 1, 1};
+  }
   return cudaLaunchKernelEx(&config, kernel, args...);
 }
 

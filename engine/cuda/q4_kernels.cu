@@ -30,6 +30,11 @@
 //    memory while the weights stream, so the epilogue that adds h @ b^T waits for no load.
 //  - SwiGLU's gate and up are stored paired, 16 outputs of each in every slice, so that the epilogue
 //    can write silu(gate) * up in place of both: a decode step's activation kernel is gone.
+//  - A layer with no more slices than multiprocessors (o and down: 4096 outputs) would give each
+//    multiprocessor one block, and in a decode step each block streams at about the same rate (~15 GB/s,
+//    bench/NOTES.md session 11) however many share a multiprocessor. Such a layer runs on clusters of two
+//    blocks (sm_90+) that split each slice's inputs, and the second block hands its sums to the first
+//    through distributed shared memory.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -344,19 +349,35 @@ __device__ __forceinline__ float low_rank_dot(const LowRankStage& stage, const M
   return sum;
 }
 
-// Position in a block's run of steps: slice (32 outputs; the block owns slices blockIdx.x,
-// blockIdx.x + gridDim.x, ...) and k_step; warp w handles the step of input tiles kTilesK u ..
-// kTilesK (u + 1) - 1 with u = w + k_step * kWarps (none past the last input tile), so all warps reach
-// each slice's end together.
+// How a block shares the work: the slices it owns (first, first + stride, ...) and which input steps of
+// each it takes. With k_split = 2 the grid is clusters of two consecutive blocks that own the same slices;
+// block rank r takes the steps of "input warps" kWarps r .. kWarps r + 7, so the pair streams a slice as one
+// block of 16 warps would, from two multiprocessor slots.
+struct Share {
+  int rank;          // in the cluster; 0 without a split
+  int first_slice;
+  int slice_stride;
+  int input_warp;    // this warp's place among the input_warps that split each slice's inputs
+  int input_warps;
+};
+
+__device__ __forceinline__ Share share(const MatmulArgs& a, int warp) {
+  const int rank = int(blockIdx.x) % a.k_split;
+  return {rank, int(blockIdx.x) / a.k_split, int(gridDim.x) / a.k_split, warp + rank * kWarps, kWarps * a.k_split};
+}
+
+// Position in a block's run of steps: slice (32 outputs; see Share) and k_step; input warp w handles the
+// step of input tiles kTilesK u .. kTilesK (u + 1) - 1 with u = w + k_step * input_warps (none past the last
+// input tile), so all warps reach each slice's end together.
 struct StreamPos {
   int slice;
   int k_step;
 };
 
-__device__ __forceinline__ void advance(StreamPos& p, int k_steps) {
+__device__ __forceinline__ void advance(StreamPos& p, int k_steps, int slice_stride) {
   if (++p.k_step == k_steps) {
     p.k_step = 0;
-    p.slice += gridDim.x;
+    p.slice += slice_stride;
   }
 }
 
@@ -371,25 +392,27 @@ struct Ring {
   uint4* scale_offset;
   const uint4* weights;  // this lane's first word of the warp's first step in slice 0
   const uint4* scales;   // this lane's (scale, offset) entry of slice 0, group 0
-  uint32_t k0;           // the input whose group scales the warp's first step (later steps: + k_step 8 kTilesK 64)
+  uint32_t k0;           // the input whose group scales the warp's first step (later steps: + k_step step_tiles 64)
+  uint32_t step_tiles;   // input tiles of one k_step of all input warps
 
   // A folded step's scales are those of its first input, for all lanes: the mma sums every lane's inputs
   // of a column, so each lane's result needs the step's one group, even where the inputs of some lane lie
   // past the end of one group per row (zero activations there). The per-weight path scales each lane's
   // own 16 inputs.
-  __device__ __forceinline__ Ring(uint4* shared, const MatmulArgs& a, int warp, int lane)
+  __device__ __forceinline__ Ring(uint4* shared, const MatmulArgs& a, int warp, const Share& share, int lane)
       : w(shared + warp * kStages * 32 * kStepTiles + lane),
         scale_offset(shared + kWarps * kStages * 32 * kStepTiles + warp * kStages * 32 + lane),
-        weights(a.weights + warp * 32 * kStepTiles + lane),
+        weights(a.weights + share.input_warp * 32 * kStepTiles + lane),
         scales(a.scales + lane / 4),
-        k0(uint32_t(warp) * kTilesK * kTileK + (kFolded ? 0 : lane % 4 * 16)) {}
+        k0(uint32_t(share.input_warp) * kTilesK * kTileK + (kFolded ? 0 : lane % 4 * 16)),
+        step_tiles(uint32_t(share.input_warps) * kTilesK) {}
 
   // Start copying this lane's share of step (slice, k_step) into stage `stage`.
   __device__ __forceinline__ void issue(int stage, const MatmulArgs& a, int slice, int k_step) const {
-    const uint4* src = weights + (uint32_t(slice) * a.k_tiles + uint32_t(k_step) * kWarps * kTilesK) * 32 * kTilesN;
+    const uint4* src = weights + (uint32_t(slice) * a.k_tiles + uint32_t(k_step) * step_tiles) * 32 * kTilesN;
 #pragma unroll
     for (int i = 0; i < kStepTiles; ++i) copy_bypassing_l1(w + 32 * (kStepTiles * stage + i), src + 32 * i);
-    const uint32_t group = __umulhi(k0 + uint32_t(k_step) * kWarps * kTilesK * kTileK, a.group_magic);
+    const uint32_t group = __umulhi(k0 + uint32_t(k_step) * step_tiles * kTileK, a.group_magic);
     copy_through_l1(scale_offset + 32 * stage, scales + (uint32_t(slice) * a.groups_pad + group) * 8);
   }
 
@@ -422,27 +445,29 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kSta
   constexpr int kTilesK = Ring::kTilesK;
   extern __shared__ uint4 dynamic_shared[];
   __shared__ float partial[kWarps][kSliceN][kRowTiles * 8];
+  __shared__ float peer_sums[kSliceN * kRowTiles * 8];  // k_split: the second block's sums, in the first's
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
+  const Share sh = share(a, warp);
   const int slices = (a.out_features + kSliceN - 1) / kSliceN;
   const int k_units = a.k_tiles / kTilesK;
-  const int k_steps = (k_units + kWarps - 1) / kWarps;
-  const int steps = ((slices - 1 - int(blockIdx.x)) / int(gridDim.x) + 1) * k_steps;
-  const Ring ring(dynamic_shared, a, warp, lane);
+  const int k_steps = (k_units + sh.input_warps - 1) / sh.input_warps;
+  const int steps = ((slices - 1 - sh.first_slice) / sh.slice_stride + 1) * k_steps;
+  const Ring ring(dynamic_shared, a, warp, sh, lane);
   // Dynamic shared memory: the rings, the LoRA factors (if any), then x (if staged).
   unsigned char* after_rings = reinterpret_cast<unsigned char*>(dynamic_shared) + ring_bytes(kFolded);
   const LowRankStage low_rank = low_rank_stage(after_rings, a);
   half* xs = reinterpret_cast<half*>(after_rings + (kLowRank ? low_rank_bytes(a.rows, a.lora_rank, a.lora_parts) : 0));
 
   // The weights and b never depend on the previous kernel, so their first copies go out before waiting.
-  if (kLowRank) stage_low_rank_b(low_rank, a, blockIdx.x);
-  StreamPos next{int(blockIdx.x), 0};
+  if (kLowRank) stage_low_rank_b(low_rank, a, sh.first_slice);
+  StreamPos next{sh.first_slice, 0};
   for (int s = 0; s < kStages - 1; ++s) {
-    const int unit = warp + next.k_step * kWarps;
+    const int unit = sh.input_warp + next.k_step * sh.input_warps;
     if (s < steps && unit < k_units) ring.issue(s, a, next.slice, next.k_step);
     commit_copies();  // empty groups too: wait_copies counts groups
-    advance(next, k_steps);
+    advance(next, k_steps, sh.slice_stride);
   }
   wait_for_previous_kernel();
   if (kLowRank) stage_low_rank_h(low_rank, a);
@@ -453,9 +478,10 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kSta
 
   Step<kRowTiles, kFolded> s;
   uint4 x_ahead[kTilesK][kRowTiles][2];
-  if (!kStaged && warp < k_units) load_x_global(x_ahead, a, uint32_t(warp) * kTilesK * kTileK + t * 16, g);
+  if (!kStaged && sh.input_warp < k_units)
+    load_x_global(x_ahead, a, uint32_t(sh.input_warp) * kTilesK * kTileK + t * 16, g);
   const bool odd_rows = a.rows > 1;
-  StreamPos cur{int(blockIdx.x), 0};
+  StreamPos cur{sh.first_slice, 0};
   int stage = 0;
   Accumulators<kRowTiles, kFolded> acc = {};
   // Once every block has issued its last copy, the next kernel may start its own prologue; letting
@@ -464,14 +490,14 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kSta
   for (int i = 0; i < steps; ++i) {
     if (i == last_issue) allow_next_kernel();
     wait_copies<kStages - 2>();  // this lane's copies for step i have landed
-    const int unit = warp + cur.k_step * kWarps;
+    const int unit = sh.input_warp + cur.k_step * sh.input_warps;
     ring.read(stage, s);
     // Refill the stage read one step ago, kStages - 1 steps ahead.
-    const int next_unit = warp + next.k_step * kWarps;
+    const int next_unit = sh.input_warp + next.k_step * sh.input_warps;
     if (i + kStages - 1 < steps && next_unit < k_units)
       ring.issue(stage == 0 ? kStages - 1 : stage - 1, a, next.slice, next.k_step);
     commit_copies();
-    advance(next, k_steps);
+    advance(next, k_steps, sh.slice_stride);
     stage = stage == kStages - 1 ? 0 : stage + 1;
 
     if (kStaged) {
@@ -482,7 +508,7 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kSta
       for (int kk = 0; kk < kTilesK; ++kk)
 #pragma unroll
         for (int r = 0; r < kRowTiles; ++r) s.x[kk][r][0] = x_ahead[kk][r][0], s.x[kk][r][1] = x_ahead[kk][r][1];
-      const int ahead_unit = cur.k_step + 1 < k_steps ? unit + kWarps : warp;
+      const int ahead_unit = cur.k_step + 1 < k_steps ? unit + sh.input_warps : sh.input_warp;
       if (i + 1 < steps && ahead_unit < k_units)
         load_x_global(x_ahead, a, uint32_t(ahead_unit) * kTilesK * kTileK + t * 16, g);
     }
@@ -531,19 +557,37 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kSta
         a.y[size_t(row) * width + cur.slice * 16 + o] = silu_mul(gate, up);
       }
     } else {
-      for (int e = threadIdx.x; e < kSliceN * a.rows; e += kWarps * 32) {
-        const int o = e % kSliceN, row = e / kSliceN;
-        float sum = 0.f;
+      if (sh.rank == 1) {
+        // The cluster's second block: its sums go into the first block's shared memory.
+        float* first_block_sums = cluster_shared(peer_sums, 0);
+        for (int e = threadIdx.x; e < kSliceN * a.rows; e += kWarps * 32) {
+          float sum = 0.f;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) sum += partial[w][o][row];
-        if (kLowRank) sum += low_rank_dot(low_rank, a, o, row);
-        const int col = output_column(cur.slice * kSliceN + o, a.out_features, a.paired);
-        if (col < a.out_features) a.y[size_t(row) * a.out_features + col] = __float2half_rn(sum);
+          for (int w = 0; w < kWarps; ++w) sum += partial[w][e % kSliceN][e / kSliceN];
+          first_block_sums[e] = sum;
+        }
+      }
+      if (a.k_split > 1) cluster_sync();  // the second block's sums have landed
+      if (sh.rank == 0) {
+        for (int e = threadIdx.x; e < kSliceN * a.rows; e += kWarps * 32) {
+          const int o = e % kSliceN, row = e / kSliceN;
+          float sum = a.k_split > 1 ? peer_sums[e] : 0.f;
+#pragma unroll
+          for (int w = 0; w < kWarps; ++w) sum += partial[w][o][row];
+          if (kLowRank) sum += low_rank_dot(low_rank, a, o, row);
+          const int col = output_column(cur.slice * kSliceN + o, a.out_features, a.paired);
+          if (col < a.out_features) a.y[size_t(row) * a.out_features + col] = __float2half_rn(sum);
+        }
       }
     }
-    __syncthreads();  // partial and the staged b are read before the next slice overwrites them
+    // partial, peer_sums and the staged b are read before the next slice overwrites them.
+    if (a.k_split > 1) {
+      cluster_sync();
+    } else {
+      __syncthreads();
+    }
     cur.k_step = 0;
-    cur.slice += gridDim.x;
+    cur.slice += sh.slice_stride;
     if (kLowRank && i + 1 < steps) stage_low_rank_b(low_rank, a, cur.slice);
   }
 }
@@ -589,19 +633,23 @@ cudaError_t launch(const MatmulArgs& a, size_t shared_bytes, bool overlap, cudaS
   // Static plus dynamic shared memory above 48 KB needs an opt-in; the call is cheap, so it is
   // made on every launch rather than cached per device.
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes));
-  int device = 0, sms = 0, per_sm = 0;
+  int device = 0, sms = 0, per_sm = 0, major = 0;
   if (err == cudaSuccess) err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err == cudaSuccess)
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, shared_bytes);
   if (err != cudaSuccess) return err;
   // As many blocks as fit at once, spread so that every block gets the same number of slices
-  // (give or take one).
+  // (give or take one). On sm_90+, a layer with no more slices than multiprocessors runs on clusters of two
+  // blocks that split each slice's inputs (Share), where nothing else needs the epilogue: no gate, no LoRA.
   const int slices = (a.out_features + kSliceN - 1) / kSliceN;
+  MatmulArgs args = a;
+  args.k_split = major >= 9 && !a.gated && a.lora_rank == 0 && slices <= sms ? 2 : 1;
   const int slots = std::max(1, sms * per_sm);
-  const int rounds = (slices + slots - 1) / slots;
-  const int grid = (slices + rounds - 1) / rounds;
-  return launch_dependent(kernel, dim3(grid), dim3(kWarps * 32), shared_bytes, overlap, stream, a);
+  const int rounds = (slices * args.k_split + slots - 1) / slots;
+  const int grid = (slices + rounds - 1) / rounds * args.k_split;
+  return launch_dependent(kernel, dim3(grid), dim3(kWarps * 32), shared_bytes, overlap, args.k_split, stream, args);
 }
 
 // Whether a product takes the folded path: its groups allow it and it has at most 8 rows.

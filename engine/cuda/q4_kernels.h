@@ -39,6 +39,7 @@ struct MatmulArgs {
   int lora_part_stride;
   const half* lora_b;     // [out_features, rank]
   int lora_rank;
+  int k_split;            // set by matmul: 1, or 2 blocks (a cluster) per slice (q4_kernels.cu, Share)
 };
 
 struct DequantArgs {
