@@ -424,6 +424,15 @@ struct Ring {
   }
 };
 
+// The block's 8-warp sum for output o of the slice at hand and activation row `row`.
+template <int kRows>
+__device__ __forceinline__ float warps_sum(const float (&partial)[kWarps][kSliceN][kRows], int o, int row) {
+  float sum = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) sum += partial[w][o][row];
+  return sum;
+}
+
 // Blocks per multiprocessor that the register allocation must leave room for. The grid holds as many
 // blocks as fit at once, and more blocks keep more loads in flight. On the per-weight path with one row
 // tile and x staged, three fit where x is small enough for three blocks' shared memory: the plain product
@@ -551,29 +560,21 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kSta
       static_assert(16 * 16 <= kWarps * 32, "a slice's pairs for 16 rows: one per thread");
       const int o = threadIdx.x % 16, row = threadIdx.x / 16, width = a.out_features / 2;
       if (row < a.rows) {
-        float gate = 0.f, up = 0.f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) gate += partial[w][o][row], up += partial[w][o + 16][row];
+        const float gate = warps_sum(partial, o, row), up = warps_sum(partial, o + 16, row);
         a.y[size_t(row) * width + cur.slice * 16 + o] = silu_mul(gate, up);
       }
     } else {
       if (sh.rank == 1) {
         // The cluster's second block: its sums go into the first block's shared memory.
         float* first_block_sums = cluster_shared(peer_sums, 0);
-        for (int e = threadIdx.x; e < kSliceN * a.rows; e += kWarps * 32) {
-          float sum = 0.f;
-#pragma unroll
-          for (int w = 0; w < kWarps; ++w) sum += partial[w][e % kSliceN][e / kSliceN];
-          first_block_sums[e] = sum;
-        }
+        for (int e = threadIdx.x; e < kSliceN * a.rows; e += kWarps * 32)
+          first_block_sums[e] = warps_sum(partial, e % kSliceN, e / kSliceN);
       }
       if (a.k_split > 1) cluster_sync();  // the second block's sums have landed
       if (sh.rank == 0) {
         for (int e = threadIdx.x; e < kSliceN * a.rows; e += kWarps * 32) {
           const int o = e % kSliceN, row = e / kSliceN;
-          float sum = a.k_split > 1 ? peer_sums[e] : 0.f;
-#pragma unroll
-          for (int w = 0; w < kWarps; ++w) sum += partial[w][o][row];
+          float sum = warps_sum(partial, o, row) + (a.k_split > 1 ? peer_sums[e] : 0.f);
           if (kLowRank) sum += low_rank_dot(low_rank, a, o, row);
           const int col = output_column(cur.slice * kSliceN + o, a.out_features, a.paired);
           if (col < a.out_features) a.y[size_t(row) * a.out_features + col] = __float2half_rn(sum);
@@ -655,7 +656,8 @@ cudaError_t launch(const MatmulArgs& a, size_t shared_bytes, bool overlap, cudaS
 // Whether a product takes the folded path: its groups allow it and it has at most 8 rows.
 bool folded(bool groups_allow, int rows) { return groups_allow && rows <= 8; }
 
-size_t partial_bytes(int rows) { return size_t(kWarps) * kSliceN * (rows > 8 ? 16 : 8) * sizeof(float); }
+// The kernel's static arrays for a slice's sums: partial, and peer_sums for a cluster's second block.
+size_t partial_bytes(int rows) { return size_t(kWarps + 1) * kSliceN * (rows > 8 ? 16 : 8) * sizeof(float); }
 
 }  // namespace
 
