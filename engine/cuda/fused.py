@@ -54,7 +54,8 @@ def _kernels():
     def follow_previous_kernel(PDL: tl.constexpr):
         # Launched as a programmatic dependent (see _launch): let the next kernel in the stream start as soon
         # as all of this one's programs run, then wait until the previous kernel's writes are visible. Every
-        # kernel calls this before it touches memory, so none reads or overwrites what an earlier one still uses.
+        # kernel calls this before it touches memory, so none reads or overwrites what an earlier one still uses
+        # (attention_parts_kernel reads the cache sooner and says why it may).
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -214,6 +215,19 @@ def _kernels():
             tl.store(part_ptr + p * rank + r, partial, mask=r < rank)
 
     @triton.jit
+    def attend_block(q, k, v, valid, scale, running_max, running_sum, acc):
+        # One block of cached slots (k, v [BLOCK, DIM] in q's dtype; valid [BLOCK]) into the online softmax of the
+        # rows of q; returns the new running maximum, sum and output.
+        scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        correction = tl.exp(running_max - new_max)
+        p = tl.exp(scores - new_max[:, None])
+        running_sum = running_sum * correction + tl.sum(p, axis=1)
+        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        return new_max, running_sum, acc
+
+    @triton.jit
     def attention_parts_kernel(q_ptr, keys_ptr, key_scales_ptr, values_ptr, value_scales_ptr, length_ptr,
                                length_bias, part_out_ptr, part_max_ptr, part_sum_ptr, rows, q_row_stride, max_seq,
                                scale, splits, k_ptr, v_ptr, cos_ptr, sin_ptr, GROUP: tl.constexpr,
@@ -228,17 +242,38 @@ def _kernels():
         # its q rows; the split that holds the last slot alone rotates the key, stores the key and value in the
         # cache (its first row block) and takes the token from its registers, as stored. The store may land
         # after other programs have read, so every program reads only the slots before the last.
-        follow_previous_kernel(PDL)
+        #
+        # With NEW the program reads its first block of slots before it waits for the previous kernel, so that the
+        # read overlaps that kernel's tail (follow_previous_kernel otherwise waits first). Only q, k and v come from
+        # that kernel. The slot count was set before the step began, and the slots before the last were written
+        # by earlier steps: between two steps' attention runs a linear layer, whose 4-bit kernel lets the next
+        # kernel start only after its own wait, and a cuBLAS one only at its end, so every kernel before it has
+        # finished.
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            if not NEW:
+                tl.extra.cuda.gdc_wait()
         kv_head = tl.program_id(0)
         split = tl.program_id(1)
         r = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
         length = tl.load(length_ptr) + length_bias
+        cached = length
+        if NEW:
+            cached = length - 1
         per_split = tl.cdiv(tl.cdiv(length, splits), BLOCK) * BLOCK
         start = split * per_split
+        end = tl.minimum(start + per_split, cached)  # per_split is whole blocks: no block crosses a split's end
+        first = start + tl.arange(0, BLOCK)
+        first_valid = first < end
+        first_k = load_vectors(keys_ptr, key_scales_ptr, kv_head * max_seq + first, first_valid, KEY_BITS, DIM, BLOCK)
+        first_v = load_vectors(values_ptr, value_scales_ptr, kv_head * max_seq + first, first_valid, VALUE_BITS, DIM,
+                               BLOCK)
+        if PDL:
+            if NEW:
+                tl.extra.cuda.gdc_wait()
         d = tl.arange(0, DIM)
         q_rows = (r // GROUP) * q_row_stride + (kv_head * GROUP + r % GROUP) * DIM
         q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=(r < rows)[:, None], other=0.0)
-        cached = length
         if NEW:
             # Entry d turns with entry d + DIM / 2 (mod DIM) by angle d mod DIM / 2, as rope_store_kernel does.
             partner = (d + DIM // 2) % DIM
@@ -246,24 +281,19 @@ def _kernels():
             sin = tl.load(sin_ptr + d % (DIM // 2)).to(tl.float32) * tl.where(d < DIM // 2, -1.0, 1.0)
             q_partner = tl.load(q_ptr + q_rows[:, None] + partner[None, :], mask=(r < rows)[:, None], other=0.0)
             q = (q.to(tl.float32) * cos[None, :] + q_partner.to(tl.float32) * sin[None, :]).to(q.dtype)
-            cached = length - 1
         running_max = tl.full([ROWS], float("-inf"), tl.float32)
         running_sum = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, DIM], tl.float32)
-        for block_start in range(start, tl.minimum(start + per_split, cached), BLOCK):
+        if start < end:
+            running_max, running_sum, acc = attend_block(q, first_k.to(q.dtype), first_v.to(q.dtype), first_valid,
+                                                         scale, running_max, running_sum, acc)
+        for block_start in range(start + BLOCK, end, BLOCK):
             n = block_start + tl.arange(0, BLOCK)
-            valid = n < cached
+            valid = n < end
             slots = kv_head * max_seq + n
             k = load_vectors(keys_ptr, key_scales_ptr, slots, valid, KEY_BITS, DIM, BLOCK).to(q.dtype)
-            scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            correction = tl.exp(running_max - new_max)
-            p = tl.exp(scores - new_max[:, None])
-            running_sum = running_sum * correction + tl.sum(p, axis=1)
             v = load_vectors(values_ptr, value_scales_ptr, slots, valid, VALUE_BITS, DIM, BLOCK).to(q.dtype)
-            acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-            running_max = new_max
+            running_max, running_sum, acc = attend_block(q, k, v, valid, scale, running_max, running_sum, acc)
         if NEW:
             if (start <= cached) & (cached < start + per_split):
                 new_k = tl.load(k_ptr + kv_head * DIM + d).to(tl.float32) * cos
