@@ -1,13 +1,14 @@
 """Where a graph-captured decode step's time goes, for a synthetic model on CUDA.
 
-    python bench/decode_step.py [--model llama2-7b] [--contexts 128 8192] [--kv-cache full]
+    python bench/decode_step.py [--model llama2-7b] [--contexts 128 8192] [--kv-cache full] [--times-only]
 
 For each context it prints three times per step:
 - loop: the bench's decode loop (host sampling, the token's way in, the replay), as `engine bench` times it;
 - replay: back-to-back replays of the step's graph, timed with events: the GPU's share;
 - kernels: the sum of the step's kernel durations from the PyTorch profiler,
-and then the kernels by name, with their launches and microseconds per step. loop - replay is host time
-that the GPU waits for; replay - kernels is the gaps between kernels inside the graph.
+and then the kernels by name, with their launches and microseconds per step (not with --times-only, which
+A/B runs of two trees use). loop - replay is host time that the GPU waits for; replay - kernels is the gaps
+between kernels inside the graph.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 8192])
     parser.add_argument("--kv-cache", default="full")
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--times-only", action="store_true", help="print loop and replay times, not the kernels")
     args = parser.parse_args()
     loaded = synthetic_model(args.model, torch.device("cuda"), bits=4, group_size=args.group_size,
                              max_seq_len=max(args.contexts) + STEPS, kv_cache=args.kv_cache)
@@ -77,6 +79,9 @@ def main() -> None:
         loop = loop_ms(generator, context)  # its warm-up run captures the bucket's graph
         graph = next(graphs for key, graphs in generator.graphs.graphs.items() if key[0] >= context + STEPS)[0][0]
         replay = replay_ms(graph)
+        if args.times_only:
+            print(f"{args.model} {args.kv_cache} context {context}: loop {loop:.4f} ms, replay {replay:.4f} ms")
+            continue
         table = kernel_table(graph)
         kernels = sum(us for _, us in table.values()) / 1e3
         print(f"\n{args.model} {args.kv_cache} context {context}: loop {loop:.3f} ms, replay {replay:.3f} ms, "
