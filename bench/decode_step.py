@@ -110,8 +110,8 @@ def main() -> None:
         launches, busy, charged = (sum(column) for column in zip(*table.values()))
         print(f"\n{args.model} {args.kv_cache} context {context}: loop {loop:.3f} ms, replay {replay:.3f} ms, "
               f"launches {launches:.0f}; per step: busy {busy:.1f} us, charged {charged:.1f} us")
-        for name, (count, busy, charged) in sorted(table.items(), key=lambda item: -item[1][2]):
-            print(f"  {charged:8.1f} us charged {busy:8.1f} us busy {count:5.0f}x  {name}")
+        for name, (count, kernel_busy, kernel_charged) in sorted(table.items(), key=lambda item: -item[1][2]):
+            print(f"  {kernel_charged:8.1f} us charged {kernel_busy:8.1f} us busy {count:5.0f}x  {name}")
         if args.timeline:
             step = events[len(events) - len(events) // replays:]  # the last replay's kernels
             first = step[0][0]
