@@ -91,8 +91,9 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 8192])
     parser.add_argument("--kv-cache", default="full")
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--times-only", action="store_true", help="print loop and replay times, not the kernels")
-    parser.add_argument("--timeline", type=int, default=0, metavar="N", help="list the first N kernels of a step")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--times-only", action="store_true", help="print loop and replay times, not the kernels")
+    output.add_argument("--timeline", type=int, default=0, metavar="N", help="list the first N kernels of a step")
     args = parser.parse_args()
     loaded = synthetic_model(args.model, torch.device("cuda"), bits=4, group_size=args.group_size,
                              max_seq_len=max(args.contexts) + STEPS, kv_cache=args.kv_cache)
