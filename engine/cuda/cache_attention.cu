@@ -155,11 +155,29 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int head = blockIdx.x, split = blockIdx.y;
   allow_next_kernel();
-  wait_for_previous_kernel();  // the step's own key and value were written by the previous kernel
-  const int length = int(*a.length) + a.length_bias;
+  // The slot count was set before the step began, and the slots below *a.length by earlier steps (a decode
+  // step's own slot, *a.length, by the previous kernel): tiles wholly below it are copied before waiting for
+  // that kernel, as fused.py's attention_parts_kernel explains.
+  const int settled = int(*a.length);
+  const int length = settled + a.length_bias;
   const int per_split = ((length + a.splits - 1) / a.splits + kTile - 1) / kTile * kTile;
   const int start = split * per_split, end = min(start + per_split, length);
   const size_t first = size_t(head) * a.max_seq;
+
+  unsigned char* ring = shared + warp * kStages * Stage<kDim>::kBytes;
+  const int stride = kWarps * kTile, tiles = max(0, (end - start - warp * kTile + stride - 1) / stride);
+  const auto tile_at = [&](int i) { return start + warp * kTile + i * stride; };
+  int issued = 0;
+  for (; issued < kStages && issued < tiles && tile_at(issued) + kTile <= settled; ++issued) {
+    issue_tile<kDim>(ring + issued * Stage<kDim>::kBytes, a, first, tile_at(issued), length - 1, lane);
+    commit_copies();
+  }
+  wait_for_previous_kernel();  // q, and a decode step's own key and value
+  for (; issued < kStages; ++issued) {
+    if (issued < tiles)
+      issue_tile<kDim>(ring + issued * Stage<kDim>::kBytes, a, first, tile_at(issued), length - 1, lane);
+    commit_copies();  // empty groups too: wait_copies counts groups
+  }
 
   // q as the B operand of the score steps: (e0, e0 + 2) and (e0 + 1, e0 + 3) of row g.
   uint32_t q_frag[kSteps][2] = {};
@@ -178,13 +196,6 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
   // the running sum, and the output by output tile (c0, c1 entry D; c2, c3 entry D + 1).
   float run_max[2] = {-kInf, -kInf}, run_sum[2] = {0.f, 0.f};
   float out[kSteps][4] = {};
-  unsigned char* ring = shared + warp * kStages * Stage<kDim>::kBytes;
-  const int stride = kWarps * kTile, tiles = max(0, (end - start - warp * kTile + stride - 1) / stride);
-  const auto tile_at = [&](int i) { return start + warp * kTile + i * stride; };
-  for (int i = 0; i < kStages; ++i) {
-    if (i < tiles) issue_tile<kDim>(ring + i * Stage<kDim>::kBytes, a, first, tile_at(i), length - 1, lane);
-    commit_copies();  // empty groups too: wait_copies counts groups
-  }
   for (int n = 0; n < tiles; ++n) {
     const int tile = tile_at(n);
     unsigned char* stage = ring + n % kStages * Stage<kDim>::kBytes;
