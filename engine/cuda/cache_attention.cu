@@ -167,15 +167,17 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
   unsigned char* ring = shared + warp * kStages * Stage<kDim>::kBytes;
   const int stride = kWarps * kTile, tiles = max(0, (end - start - warp * kTile + stride - 1) / stride);
   const auto tile_at = [&](int i) { return start + warp * kTile + i * stride; };
+  const auto issue = [&](unsigned char* stage, int i) {
+    issue_tile<kDim>(stage, a, first, tile_at(i), length - 1, lane);
+  };
   int issued = 0;
   for (; issued < kStages && issued < tiles && tile_at(issued) + kTile <= settled; ++issued) {
-    issue_tile<kDim>(ring + issued * Stage<kDim>::kBytes, a, first, tile_at(issued), length - 1, lane);
+    issue(ring + issued * Stage<kDim>::kBytes, issued);
     commit_copies();
   }
   wait_for_previous_kernel();  // q, and a decode step's own key and value
   for (; issued < kStages; ++issued) {
-    if (issued < tiles)
-      issue_tile<kDim>(ring + issued * Stage<kDim>::kBytes, a, first, tile_at(issued), length - 1, lane);
+    if (issued < tiles) issue(ring + issued * Stage<kDim>::kBytes, issued);
     commit_copies();  // empty groups too: wait_copies counts groups
   }
 
@@ -282,7 +284,7 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
     // Every lane has read the stage: refill it. Refilling only now, not right after the reads, lets the
     // compiler keep the reads near their uses instead of the whole tile in registers (5% faster).
     __syncwarp();
-    if (n + kStages < tiles) issue_tile<kDim>(stage, a, first, tile_at(n + kStages), length - 1, lane);
+    if (n + kStages < tiles) issue(stage, n + kStages);
     commit_copies();
   }
 
