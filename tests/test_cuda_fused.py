@@ -237,25 +237,28 @@ def test_4bit_cache_attention_parts(samples, heads, kv_heads, dim, length, split
 
 
 def test_decode_over_a_4bit_cache_takes_the_cuda_kernel_where_it_serves(monkeypatch):
-    """One token's attention over a q4 cache goes through the CUDA kernel (one call, the right output); many
-    samples' rows (16 per KV head here) go through the Triton kernel, which shares a read among up to 64."""
+    """One token's attention over a q4 cache goes through the CUDA kernel in a bucket of more than
+    TRITON_DECODE_MAX_SLOTS (one call, the right output), and through the Triton kernel, which rotates and stores
+    in the same launch, in a bucket of that many; many samples' rows (16 per KV head here) go through the Triton
+    kernel, which shares a read among up to 64."""
     kernel = cache_kernel()
     calls = []
     launch = kernel.cache_attention_parts
     monkeypatch.setattr(kernel, "cache_attention_parts", lambda *args: calls.append(1) or launch(*args))
-    heads, dim, length = 32, 128, 300
-    cache = filled_cache(heads, dim, 512, length - 1, "q4")
+    heads, dim, length, bucket = 32, 128, 300, 2 * fused.TRITON_DECODE_MAX_SLOTS
+    cache = filled_cache(heads, dim, bucket, length - 1, "q4")
     q, k, v, cos, sin, q_ref, _ = new_token(heads, heads, dim)
-    out = fused.decode_attention(q, k, v, cos, sin, torch.tensor([length - 1], device=CUDA),
-                                 cache.keys.kernel_args(0), cache.values.kernel_args(0), 512)
-    out_ref = grouped_attention(q_ref.view(1, heads, 1, dim), cache.keys.read(length).float(),
-                                cache.values.read(length).float(), torch.zeros(1, length, device=CUDA))
-    assert calls == [1] and relative_error(out.view(1, heads, 1, dim), out_ref) < 2e-3
+    for max_length, expected_calls in ((bucket, [1]), (bucket // 2, [1])):
+        out = fused.decode_attention(q.clone(), k, v, cos, sin, torch.tensor([length - 1], device=CUDA),
+                                     cache.keys.kernel_args(0), cache.values.kernel_args(0), max_length)
+        out_ref = grouped_attention(q_ref.view(1, heads, 1, dim), cache.keys.read(length).float(),
+                                    cache.values.read(length).float(), torch.zeros(1, length, device=CUDA))
+        assert calls == expected_calls and relative_error(out.view(1, heads, 1, dim), out_ref) < 2e-3
 
     samples = 16
     own = torch.randn(samples, heads, 8, dim, device=CUDA, dtype=torch.float16)
     fused.bifurcated_attention(q.expand(samples, -1, -1).contiguous(), cache.keys.kernel_args(0),
-                               cache.values.kernel_args(0), torch.tensor([length], device=CUDA), 512, own, own,
+                               cache.values.kernel_args(0), torch.tensor([length], device=CUDA), bucket, own, own,
                                torch.tensor([0], device=CUDA))
     assert calls == [1]
 
