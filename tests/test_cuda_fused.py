@@ -199,18 +199,14 @@ def cache_kernel():
     return build.extension()
 
 
-@pytest.mark.parametrize("samples,heads,kv_heads,dim", [(1, 32, 32, 128), (1, 32, 8, 128), (1, 9, 3, 64),
-                                                        (2, 8, 2, 64)])
-@pytest.mark.parametrize("length,splits", [(1, 1), (37, 3), (700, 7), (3001, 32), (100, 64)])
-def test_4bit_cache_attention_parts(samples, heads, kv_heads, dim, length, splits):
-    """The CUDA kernel's parts over a 4-bit cache, merged here in float64, against float32 attention over what the
-    cache holds (slots past the length hold bytes that decode to NaN). The part buffers start as NaN; splits
-    with no slots (the 64 splits of 100 slots take 16 each) must come out empty: -inf, 0 and zeros."""
+def merged_cache_attention_parts(q, cache, length, splits):
+    """The CUDA kernel's parts over a 4-bit cache, merged here in float64 into [samples, heads, 1, dim], and the
+    parts' (out, max, sum) by [kv_heads, splits, rows]. The part buffers start as NaN."""
     kernel = cache_kernel()
+    samples, heads, dim = q.shape
+    kv_heads = cache.keys.data.shape[1]
     group = heads // kv_heads
     rows = samples * group
-    cache = filled_cache(kv_heads, dim, length + 21, length, "q4")
-    q = torch.randn(samples, heads, dim, device=CUDA, dtype=torch.float16)
     part_out = torch.full((kv_heads * splits * rows, dim), float("nan"), device=CUDA)
     part_max = torch.full((kv_heads * splits * rows,), float("nan"), device=CUDA)
     part_sum = torch.full_like(part_max, float("nan"))
@@ -218,22 +214,56 @@ def test_4bit_cache_attention_parts(samples, heads, kv_heads, dim, length, split
     kernel.cache_attention_parts(q, keys, key_scales, values, value_scales, torch.tensor([length - 1], device=CUDA),
                                  1, splits, dim**-0.5, part_out, part_max, part_sum)
 
-    maxes = part_max.double().view(kv_heads, splits, rows)
-    weights = torch.where(maxes == float("-inf"), 0.0, (maxes - maxes.amax(1, keepdim=True)).exp())
-    total = (part_out.double().view(kv_heads, splits, rows, dim) * weights[..., None]).sum(1)
-    out = total / (part_sum.double().view(kv_heads, splits, rows) * weights).sum(1)[..., None]
+    part_out = part_out.double().view(kv_heads, splits, rows, dim)
+    part_max, part_sum = (part.double().view(kv_heads, splits, rows) for part in (part_max, part_sum))
+    weights = torch.where(part_max == float("-inf"), 0.0, (part_max - part_max.amax(1, keepdim=True)).exp())
+    out = (part_out * weights[..., None]).sum(1) / (part_sum * weights).sum(1)[..., None]
     # Query row r of KV head h is head h * group + r % group of sample r // group.
     out = out.view(kv_heads, samples, group, dim).permute(1, 0, 2, 3).reshape(samples, heads, 1, dim)
-    keys_ref, values_ref = (part.read(length).float().expand(samples, -1, -1, -1) for part in (cache.keys, cache.values))
-    out_ref = grouped_attention(q.float().unsqueeze(2), keys_ref, values_ref, torch.zeros(1, length, device=CUDA))
-    assert relative_error(out, out_ref) < 2e-3
+    return out, (part_out, part_max, part_sum)
+
+
+def attention_over_the_cache(q, cache, length):
+    """Float32 attention of q [samples, heads, dim] over what the cache's first `length` slots hold."""
+    samples = q.shape[0]
+    keys, values = (part.read(length).float().expand(samples, -1, -1, -1) for part in (cache.keys, cache.values))
+    return grouped_attention(q.float().unsqueeze(2), keys, values, torch.zeros(1, length, device=CUDA))
+
+
+@pytest.mark.parametrize("samples,heads,kv_heads,dim", [(1, 32, 32, 128), (1, 32, 8, 128), (1, 9, 3, 64),
+                                                        (2, 8, 2, 64)])
+@pytest.mark.parametrize("length,splits", [(1, 1), (37, 3), (700, 7), (3001, 32), (100, 64)])
+def test_4bit_cache_attention_parts(samples, heads, kv_heads, dim, length, splits):
+    """The CUDA kernel's parts over a 4-bit cache, merged, against float32 attention over what the cache holds
+    (slots past the length hold bytes that decode to NaN). Splits with no slots (the 64 splits of 100 slots take
+    16 each) must come out empty: -inf, 0 and zeros."""
+    cache = filled_cache(kv_heads, dim, length + 21, length, "q4")
+    q = torch.randn(samples, heads, dim, device=CUDA, dtype=torch.float16)
+    out, (part_out, part_max, part_sum) = merged_cache_attention_parts(q, cache, length, splits)
+    assert relative_error(out, attention_over_the_cache(q, cache, length)) < 2e-3
 
     per_split = ceil_div(ceil_div(length, splits), 16) * 16  # the length over the splits in whole tiles of 16 slots
     filled = ceil_div(length, per_split)
-    empty = maxes[:, filled:]
-    assert (empty == float("-inf")).all() and (part_sum.view(kv_heads, splits, rows)[:, filled:] == 0).all()
-    assert (part_out.view(kv_heads, splits, rows, dim)[:, filled:] == 0).all()
-    assert torch.isfinite(maxes[:, :filled]).all()
+    assert (part_max[:, filled:] == float("-inf")).all() and (part_sum[:, filled:] == 0).all()
+    assert (part_out[:, filled:] == 0).all()
+    assert torch.isfinite(part_max[:, :filled]).all()
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 32, 128), (8, 2, 64)])
+def test_4bit_cache_attention_parts_follow_scores_that_keep_rising(heads, kv_heads, dim):
+    """Each slot's key leans further toward q than the last, so that a split's scores climb ~200 over its slots, past
+    the kernel's softmax reference again and again: every move rescales what a warp has summed so far."""
+    length, splits = 3001, 4
+    q = torch.randn(1, heads, dim, device=CUDA, dtype=torch.float16)
+    toward_q = q[0].view(kv_heads, heads // kv_heads, dim).float().mean(1)
+    toward_q = toward_q / toward_q.norm(dim=-1, keepdim=True) * dim**0.5 / q[0].float().norm(dim=-1).mean()
+    lean = torch.arange(length, device=CUDA) % (length // splits + 1) * (200 / (length // splits))
+    keys = torch.randn(1, kv_heads, length, dim, device=CUDA) + lean[:, None] * toward_q[None, :, None, :]
+    values = torch.randn(1, kv_heads, length, dim, device=CUDA)
+    cache = KVCache(kv_heads, dim, length + 21, torch.float16, CUDA, kind="q4")
+    cache.write(keys.half(), values.half(), torch.arange(length, device=CUDA), length)
+    out, _ = merged_cache_attention_parts(q, cache, length, splits)
+    assert relative_error(out, attention_over_the_cache(q, cache, length)) < 2e-3
 
 
 def test_decode_over_a_4bit_cache_takes_the_cuda_kernel_where_it_serves(monkeypatch):

@@ -194,9 +194,13 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
     }
   }
 
-  // Rows 2t and 2t + 1: the running maximum (the same in every lane of a column), this lane's share of
-  // the running sum, and the output by output tile (c0, c1 entry D; c2, c3 entry D + 1).
-  float run_max[2] = {-kInf, -kInf}, run_sum[2] = {0.f, 0.f};
+  // Rows 2t and 2t + 1: the reference the probabilities are taken against (the same in every lane of a
+  // column), this lane's share of the running sum, and the output by output tile (c0, c1 entry D; c2, c3 entry
+  // D + 1). Any reference gives the same softmax. This one is the running maximum as of the last time a score
+  // rose more than kHeadroom above it, so most tiles skip the maximum's shuffles and the rescale, and p stays
+  // under e^kHeadroom, which float16 holds.
+  constexpr float kHeadroom = 8.f;
+  float reference[2] = {-kInf, -kInf}, run_sum[2] = {0.f, 0.f};
   float out[kSteps][4] = {};
   for (int n = 0; n < tiles; ++n) {
     const int tile = tile_at(n);
@@ -223,27 +227,25 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
       mma_16816(c[i % 2], k, q_frag[i][0], q_frag[i][1]);
     }
     float s[4];
+    bool rises = false;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const bool inside = tile + g + (i < 2 ? 0 : 8) < end;
       s[i] = inside ? (c[0][i] + c[1][i]) * a.scale : -kInf;
+      rises |= s[i] > reference[i % 2] + kHeadroom;
     }
 
-    // Online softmax over the tile's 16 slots: the maximum comes from the 8 lanes of a column. The output
-    // is rescaled only when a maximum grows, which after the first tiles is rare.
-    float new_max[2];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      float tile_max = fmaxf(s[j], s[2 + j]);
-#pragma unroll
-      for (int offset = 4; offset < 32; offset *= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(~0u, tile_max, offset));
-      new_max[j] = fmaxf(run_max[j], tile_max);  // finite: the tile's first slot is inside
-    }
-    if (__any_sync(~0u, new_max[0] > run_max[0] || new_max[1] > run_max[1])) {
+    // A new reference: the running maximum, from the 8 lanes of each column. It is finite, since the tile's
+    // first slot is inside.
+    if (__any_sync(~0u, rises)) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const float correction = __expf(run_max[j] - new_max[j]);
-        run_max[j] = new_max[j];
+        float tile_max = fmaxf(s[j], s[2 + j]);
+#pragma unroll
+        for (int offset = 4; offset < 32; offset *= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(~0u, tile_max, offset));
+        const float new_reference = fmaxf(reference[j], tile_max);
+        const float correction = __expf(reference[j] - new_reference);
+        reference[j] = new_reference;
         run_sum[j] *= correction;
 #pragma unroll
         for (int o = 0; o < kSteps; ++o) out[o][j] *= correction, out[o][2 + j] *= correction;
@@ -251,7 +253,7 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
     }
     float p[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) p[i] = __expf(s[i] - run_max[i % 2]);
+    for (int i = 0; i < 4; ++i) p[i] = __expf(s[i] - reference[i % 2]);
     run_sum[0] += p[0] + p[2];
     run_sum[1] += p[1] + p[3];
 
@@ -296,7 +298,7 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
   __syncthreads();  // every warp is done with its ring
   if (g == 0) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) warp_max[warp][2 * t + j] = run_max[j], warp_sum[warp][2 * t + j] = run_sum[j];
+    for (int j = 0; j < 2; ++j) warp_max[warp][2 * t + j] = reference[j], warp_sum[warp][2 * t + j] = run_sum[j];
   }
 #pragma unroll
   for (int i = 0; i < kSteps; ++i) {
