@@ -149,8 +149,8 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
   __shared__ __align__(16) unsigned char shared[kWarps * kStages * Stage<kDim>::kBytes];
   static_assert(sizeof(float) * kWarps * kMaxRows * (kDim + 2) <= sizeof(shared), "the merge fits in the rings");
   auto& warp_out = *reinterpret_cast<float(*)[kWarps][kMaxRows][kDim]>(shared);
-  auto& warp_max = *reinterpret_cast<float(*)[kWarps][kMaxRows]>(shared + sizeof(warp_out));
-  auto& warp_sum = *reinterpret_cast<float(*)[kWarps][kMaxRows]>(shared + sizeof(warp_out) + sizeof(warp_max));
+  auto& warp_reference = *reinterpret_cast<float(*)[kWarps][kMaxRows]>(shared + sizeof(warp_out));
+  auto& warp_sum = *reinterpret_cast<float(*)[kWarps][kMaxRows]>(shared + sizeof(warp_out) + sizeof(warp_reference));
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int head = blockIdx.x, split = blockIdx.y;
@@ -242,7 +242,8 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
       for (int j = 0; j < 2; ++j) {
         float tile_max = fmaxf(s[j], s[2 + j]);
 #pragma unroll
-        for (int offset = 4; offset < 32; offset *= 2) tile_max = fmaxf(tile_max, __shfl_xor_sync(~0u, tile_max, offset));
+        for (int offset = 4; offset < 32; offset *= 2)
+          tile_max = fmaxf(tile_max, __shfl_xor_sync(~0u, tile_max, offset));
         const float new_reference = fmaxf(reference[j], tile_max);
         const float correction = __expf(reference[j] - new_reference);
         reference[j] = new_reference;
@@ -298,7 +299,7 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
   __syncthreads();  // every warp is done with its ring
   if (g == 0) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) warp_max[warp][2 * t + j] = reference[j], warp_sum[warp][2 * t + j] = run_sum[j];
+    for (int j = 0; j < 2; ++j) warp_reference[warp][2 * t + j] = reference[j], warp_sum[warp][2 * t + j] = run_sum[j];
   }
 #pragma unroll
   for (int i = 0; i < kSteps; ++i) {
@@ -312,11 +313,12 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
     const int row = e / kDim, entry = e % kDim;
     float best = -kInf;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) best = fmaxf(best, warp_max[w][row]);
+    for (int w = 0; w < kWarps; ++w) best = fmaxf(best, warp_reference[w][row]);
     float total = 0.f, norm = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
-      const float weight = warp_max[w][row] == -kInf ? 0.f : __expf(warp_max[w][row] - best);  // a warp without tiles
+      const float reference = warp_reference[w][row];
+      const float weight = reference == -kInf ? 0.f : __expf(reference - best);  // -inf: a warp without tiles
       total += weight * warp_out[w][row][entry];
       norm += weight * warp_sum[w][row];
     }

@@ -28,7 +28,8 @@ struct CacheAttentionArgs {
   int splits;
   float scale;             // of the scores, dim^-0.5
   float* part_out;         // [kv_heads * splits * rows, dim]
-  float* part_max;         // [kv_heads * splits * rows]
+  float* part_max;         // [kv_heads * splits * rows]: what the part's sum and out are taken against,
+                           // exp(score - part_max); within 8 of its largest score, -inf where it has no slots
   float* part_sum;
 };
 
