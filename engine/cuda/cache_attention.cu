@@ -133,11 +133,20 @@ template <int kDim>
 __device__ __forceinline__ constexpr Step<kDim> step_at(int i) { return {i / 4, i / 2 % 2, i % 2 == 1}; }
 
 // Field f of the slot pair (2t, 2t + 1) (pair 0) or (2t + 8, 2t + 9) (pair 1) in a 32-byte block: entry
-// 32 block + 4g + f of both slots side by side, as the A registers of the output pair them.
+// 32 block + 4g + f of both slots side by side, as the A registers of the output pair them. One byte permute
+// puts byte f of the two slots' words at bytes 0 and 2, where biased_levels' masks look; bytes 1 and 3 repeat
+// them and are masked off.
 template <int kDim>
 __device__ __forceinline__ uint32_t value_field(const TileBytes<kDim>& d, int block, int pair, int f) {
-  const uint32_t bytes = __byte_perm(d.values[2 * pair][block], d.values[2 * pair + 1][block], f < 2 ? 0x5410 : 0x7632);
-  return f % 2 ? bytes >> 8 : bytes;
+  const uint32_t selector = 0x1111u * f + 0x4400u;
+  return __byte_perm(d.values[2 * pair][block], d.values[2 * pair + 1][block], selector);
+}
+
+// 2^x on the special-function unit, as __expf computes e^x after scaling x by log2(e).
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 template <int kDim>
@@ -198,8 +207,9 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
   // column), this lane's share of the running sum, and the output by output tile (c0, c1 entry D; c2, c3 entry
   // D + 1). Any reference gives the same softmax. This one is the running maximum as of the last time a score
   // rose more than kHeadroom above it, so most tiles skip the maximum's shuffles and the rescale, and p stays
-  // under e^kHeadroom, which float16 holds.
-  constexpr float kHeadroom = 8.f;
+  // under 2^kHeadroom, which float16 holds. Scores are in base-2 units, so that each p is one exp2.
+  constexpr float kHeadroom = 11.f, kLog2e = 1.44269504f, kLn2 = 0.69314718f;
+  const float score_scale = a.scale * kLog2e;
   float reference[2] = {-kInf, -kInf}, run_sum[2] = {0.f, 0.f};
   float out[kSteps][4] = {};
   for (int n = 0; n < tiles; ++n) {
@@ -231,7 +241,7 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const bool inside = tile + g + (i < 2 ? 0 : 8) < end;
-      s[i] = inside ? (c[0][i] + c[1][i]) * a.scale : -kInf;
+      s[i] = inside ? (c[0][i] + c[1][i]) * score_scale : -kInf;
       rises |= s[i] > reference[i % 2] + kHeadroom;
     }
 
@@ -245,7 +255,7 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
         for (int offset = 4; offset < 32; offset *= 2)
           tile_max = fmaxf(tile_max, __shfl_xor_sync(~0u, tile_max, offset));
         const float new_reference = fmaxf(reference[j], tile_max);
-        const float correction = __expf(reference[j] - new_reference);
+        const float correction = exp2_approx(reference[j] - new_reference);
         reference[j] = new_reference;
         run_sum[j] *= correction;
 #pragma unroll
@@ -254,7 +264,7 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
     }
     float p[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) p[i] = __expf(s[i] - reference[i % 2]);
+    for (int i = 0; i < 4; ++i) p[i] = exp2_approx(s[i] - reference[i % 2]);
     run_sum[0] += p[0] + p[2];
     run_sum[1] += p[1] + p[3];
 
@@ -318,13 +328,13 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
       const float reference = warp_reference[w][row];
-      const float weight = reference == -kInf ? 0.f : __expf(reference - best);  // -inf: a warp without tiles
+      const float weight = reference == -kInf ? 0.f : exp2_approx(reference - best);  // -inf: a warp without tiles
       total += weight * warp_out[w][row][entry];
       norm += weight * warp_sum[w][row];
     }
     const int part = (head * a.splits + split) * a.rows + row;
     a.part_out[size_t(part) * kDim + entry] = total;
-    if (entry == 0) a.part_max[part] = best, a.part_sum[part] = norm;
+    if (entry == 0) a.part_max[part] = best * kLn2, a.part_sum[part] = norm;  // the merge works in base e
   }
 }
 

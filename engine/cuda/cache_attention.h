@@ -29,7 +29,7 @@ struct CacheAttentionArgs {
   float scale;             // of the scores, dim^-0.5
   float* part_out;         // [kv_heads * splits * rows, dim]
   float* part_max;         // [kv_heads * splits * rows]: what the part's sum and out are taken against,
-                           // exp(score - part_max); within 8 of its largest score, -inf where it has no slots
+                           // exp(score - part_max); within ~7.6 of its largest score, -inf where it has no slots
   float* part_sum;
 };
 
