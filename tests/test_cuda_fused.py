@@ -137,8 +137,9 @@ def test_rope_and_store(heads, kv_heads, dim, kind):
 def test_decode_attention_rotates_stores_and_attends(heads, kv_heads, dim, kind, position):
     """One token's step from q, k and v before RoPE: k and v stored at the position, and the attention over
     slots 0..position against the float32 PyTorch reference over what the cache then holds, whether the slots
-    are split among few programs (a bucket of the length) or many (a bucket of 1024)."""
-    for bucket in (position + 1, 1024):
+    are split among few programs (a bucket of the length) or many (a bucket of 1024), and for a 4-bit cache
+    whether the Triton kernel rotates and stores or the CUDA one (a bucket past TRITON_DECODE_MAX_SLOTS)."""
+    for bucket in (position + 1, 1024, 2 * fused.TRITON_DECODE_MAX_SLOTS):
         cache = filled_cache(kv_heads, dim, 1024, position, kind)
         q, k, v, cos, sin, q_ref, k_ref = new_token(heads, kv_heads, dim)
         out = fused.decode_attention(q, k, v, cos, sin, torch.tensor([position], device=CUDA),
@@ -212,7 +213,7 @@ def merged_cache_attention_parts(q, cache, length, splits):
     part_sum = torch.full_like(part_max, float("nan"))
     (keys, key_scales, _), (values, value_scales, _) = cache.keys.kernel_args(0), cache.values.kernel_args(0)
     kernel.cache_attention_parts(q, keys, key_scales, values, value_scales, torch.tensor([length - 1], device=CUDA),
-                                 1, splits, dim**-0.5, part_out, part_max, part_sum)
+                                 1, splits, dim**-0.5, part_out, part_max, part_sum, None, None, None, None)
 
     part_out = part_out.double().view(kv_heads, splits, rows, dim)
     part_max, part_sum = (part.double().view(kv_heads, splits, rows) for part in (part_max, part_sum))

@@ -142,6 +142,57 @@ __device__ __forceinline__ uint32_t value_field(const TileBytes<kDim>& d, int bl
   return __byte_perm(d.values[2 * pair][block], d.values[2 * pair + 1][block], selector);
 }
 
+// Store one head's new vector x [dim] (a key rotated by cos and sin first) at absolute slot `slot` of a 4-bit
+// cache part, as fused.py's store_head does: each group of 32 entries as levels 0..15 from its minimum and its
+// range over 15, both rounded to float16 and stored beside the bytes; entry j in byte j's low nibble and entry
+// dim/2 + j in its high one. One warp: lane l holds entries E l .. E l + E - 1 (E = dim / 32), so that lane
+// l ^ 16 holds the entries dim/2 away, which RoPE pairs and a byte packs together.
+template <int kDim>
+__device__ __forceinline__ void store_new_slot(const half* x, const half* cos, const half* sin, uint8_t* data,
+                                               half* scales, size_t slot, int lane) {
+  constexpr int kPerLane = kDim / 32, kHalf = kDim / 2, kGroupLanes = 32 / kPerLane;
+  const int own = kPerLane * lane, partner = own ^ kHalf;
+  float v[kPerLane];
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    v[j] = __half2float(x[own + j]);
+    if (cos != nullptr) {
+      // In float32, then rounded to float16, as rope_store_kernel rotates the keys the eager path rounds.
+      const float other = __half2float(x[partner + j]);
+      const float c = __half2float(cos[own % kHalf + j]), s = __half2float(sin[own % kHalf + j]);
+      v[j] = __half2float(__float2half_rn(own < kHalf ? v[j] * c - other * s : v[j] * c + other * s));
+    }
+  }
+  float low = v[0], high = v[0];
+#pragma unroll
+  for (int j = 1; j < kPerLane; ++j) low = fminf(low, v[j]), high = fmaxf(high, v[j]);
+#pragma unroll
+  for (int offset = 1; offset < kGroupLanes; offset *= 2) {
+    low = fminf(low, __shfl_xor_sync(~0u, low, offset));
+    high = fmaxf(high, __shfl_xor_sync(~0u, high, offset));
+  }
+  const half scale = __float2half_rn(__fdiv_rn(high - low, 15.f)), minimum = __float2half_rn(low);
+  const float divisor = __half2float(scale) > 0.f ? __half2float(scale) : 1.f;
+  uint32_t levels = 0;  // one per byte
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const float step = __fdiv_rn(v[j] - __half2float(minimum), divisor);
+    levels |= uint32_t(fminf(fmaxf(floorf(step + 0.5f), 0.f), 15.f)) << (8 * j);
+  }
+  const uint32_t partner_levels = __shfl_xor_sync(~0u, levels, 16);
+  if (own < kHalf) {
+    const uint32_t bytes = levels | partner_levels << 4;
+    uint8_t* target = data + slot * kHalf + own;
+    if constexpr (kPerLane == 4) {
+      *reinterpret_cast<uint32_t*>(target) = bytes;
+    } else {
+      *reinterpret_cast<uint16_t*>(target) = uint16_t(bytes);
+    }
+  }
+  if (lane % kGroupLanes == 0)
+    *reinterpret_cast<__half2*>(scales + (slot * (kDim / 32) + own / 32) * 2) = __halves2half2(scale, minimum);
+}
+
 // 2^x on the special-function unit, as __expf computes e^x after scaling x by log2(e).
 __device__ __forceinline__ float exp2_approx(float x) {
   float y;
@@ -185,21 +236,48 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
     commit_copies();
   }
   wait_for_previous_kernel();  // q, and a decode step's own key and value
+  // A decode step's own slot: the warp whose tile holds it stores it first, and its lanes' later copies of that
+  // tile see the stores after the warp's barrier.
+  if (a.new_keys != nullptr && settled >= start && settled < end && (settled - start) / kTile % kWarps == warp) {
+    store_new_slot<kDim>(a.new_keys + head * kDim, a.cos, a.sin, a.keys, a.key_scales, first + settled, lane);
+    store_new_slot<kDim>(a.new_values + head * kDim, nullptr, nullptr, a.values, a.value_scales, first + settled,
+                         lane);
+    __syncwarp();
+  }
   for (; issued < kStages; ++issued) {
     if (issued < tiles) issue(ring + issued * Stage<kDim>::kBytes, issued);
     commit_copies();  // empty groups too: wait_copies counts groups
   }
 
-  // q as the B operand of the score steps: (e0, e0 + 2) and (e0 + 1, e0 + 3) of row g.
+  // q as the B operand of the score steps: (e0, e0 + 2) and (e0 + 1, e0 + 3) of row g. Steps 2m and 2m + 1 take
+  // the same four entries of q's two halves, which RoPE rotates together.
   uint32_t q_frag[kSteps][2] = {};
   if (g < a.rows) {
     const half* q = a.q + size_t(g / a.group) * a.q_row_stride + size_t(head * a.group + g % a.group) * kDim;
 #pragma unroll
-    for (int i = 0; i < kSteps; ++i) {
-      const Step step = step_at<kDim>(i);
+    for (int m = 0; m < kSteps / 2; ++m) {
+      const Step step = step_at<kDim>(2 * m);
       const int e0 = step.first_entry() + 8 * t + 4 * step.half;
-      q_frag[i][0] = as_u32(__halves2half2(q[e0], q[e0 + 2]));
-      q_frag[i][1] = as_u32(__halves2half2(q[e0 + 1], q[e0 + 3]));
+      const uint2 low = *reinterpret_cast<const uint2*>(q + e0);
+      const uint2 high = *reinterpret_cast<const uint2*>(q + e0 + kDim / 2);
+      __half2 entries[2][2] = {{as_half2(low.x), as_half2(low.y)}, {as_half2(high.x), as_half2(high.y)}};
+      if (a.cos != nullptr) {
+        // In float32, then rounded to float16, as rope_store_kernel rotates q in place.
+        const uint2 cos = *reinterpret_cast<const uint2*>(a.cos + e0);
+        const uint2 sin = *reinterpret_cast<const uint2*>(a.sin + e0);
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+          const float2 c = __half22float2(as_half2(w ? cos.y : cos.x)), s = __half22float2(as_half2(w ? sin.y : sin.x));
+          const float2 x = __half22float2(entries[0][w]), y = __half22float2(entries[1][w]);
+          entries[0][w] = __floats2half2_rn(x.x * c.x - y.x * s.x, x.y * c.y - y.y * s.y);
+          entries[1][w] = __floats2half2_rn(y.x * c.x + x.x * s.x, y.y * c.y + x.y * s.y);
+        }
+      }
+#pragma unroll
+      for (int part = 0; part < 2; ++part) {
+        q_frag[2 * m + part][0] = as_u32(__lows2half2(entries[part][0], entries[part][1]));
+        q_frag[2 * m + part][1] = as_u32(__highs2half2(entries[part][0], entries[part][1]));
+      }
     }
   }
 
