@@ -142,6 +142,12 @@ __device__ __forceinline__ uint32_t value_field(const TileBytes<kDim>& d, int bl
   return __byte_perm(d.values[2 * pair][block], d.values[2 * pair + 1][block], selector);
 }
 
+// RoPE's rotation of the entries x and y that lie dim/2 apart, by their angle: (x cos - y sin, y cos + x sin), in
+// float32 as fused.py's rope_store_kernel computes it.
+__device__ __forceinline__ float2 rotated(float x, float y, float cos, float sin) {
+  return make_float2(x * cos - y * sin, y * cos + x * sin);
+}
+
 // Store one head's new vector x [dim] (a key rotated by cos and sin first) at absolute slot `slot` of a 4-bit
 // cache part, as fused.py's store_head does: each group of 32 entries as levels 0..15 from its minimum and its
 // range over 15, both rounded to float16 and stored beside the bytes; entry j in byte j's low nibble and entry
@@ -156,11 +162,10 @@ __device__ __forceinline__ void store_new_slot(const half* x, const half* cos, c
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     v[j] = __half2float(x[own + j]);
-    if (cos != nullptr) {
-      // In float32, then rounded to float16, as rope_store_kernel rotates the keys the eager path rounds.
+    if (cos != nullptr) {  // then rounded to float16, as the eager path's keys are
       const float other = __half2float(x[partner + j]);
       const float c = __half2float(cos[own % kHalf + j]), s = __half2float(sin[own % kHalf + j]);
-      v[j] = __half2float(__float2half_rn(own < kHalf ? v[j] * c - other * s : v[j] * c + other * s));
+      v[j] = __half2float(__float2half_rn(own < kHalf ? rotated(v[j], other, c, s).x : rotated(other, v[j], c, s).y));
     }
   }
   float low = v[0], high = v[0];
@@ -261,16 +266,16 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
       const uint2 low = *reinterpret_cast<const uint2*>(q + e0);
       const uint2 high = *reinterpret_cast<const uint2*>(q + e0 + kDim / 2);
       __half2 entries[2][2] = {{as_half2(low.x), as_half2(low.y)}, {as_half2(high.x), as_half2(high.y)}};
-      if (a.cos != nullptr) {
-        // In float32, then rounded to float16, as rope_store_kernel rotates q in place.
+      if (a.cos != nullptr) {  // then rounded to float16, as rope_store_kernel leaves q
         const uint2 cos = *reinterpret_cast<const uint2*>(a.cos + e0);
         const uint2 sin = *reinterpret_cast<const uint2*>(a.sin + e0);
 #pragma unroll
         for (int w = 0; w < 2; ++w) {
           const float2 c = __half22float2(as_half2(w ? cos.y : cos.x)), s = __half22float2(as_half2(w ? sin.y : sin.x));
           const float2 x = __half22float2(entries[0][w]), y = __half22float2(entries[1][w]);
-          entries[0][w] = __floats2half2_rn(x.x * c.x - y.x * s.x, x.y * c.y - y.y * s.y);
-          entries[1][w] = __floats2half2_rn(y.x * c.x + x.x * s.x, y.y * c.y + x.y * s.y);
+          const float2 first = rotated(x.x, y.x, c.x, s.x), second = rotated(x.y, y.y, c.y, s.y);
+          entries[0][w] = __floats2half2_rn(first.x, second.x);
+          entries[1][w] = __floats2half2_rn(first.y, second.y);
         }
       }
 #pragma unroll

@@ -194,7 +194,7 @@ void cache_attention_parts(torch::Tensor q, torch::Tensor keys, torch::Tensor ke
                            std::optional<torch::Tensor> new_keys, std::optional<torch::Tensor> new_values,
                            std::optional<torch::Tensor> cos, std::optional<torch::Tensor> sin) {
   TORCH_CHECK(half_on_device_of(q, q) && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
-                  q.stride(0) % 4 == 0,
+                  (q.size(0) == 1 || q.stride(0) % 4 == 0),
               "q4 cache attention: q must be float16 CUDA [n, heads, dim] with contiguous heads, rows 8-byte aligned");
   check_cache_part(keys, key_scales, q, "keys");
   check_cache_part(values, value_scales, q, "values");
@@ -216,7 +216,7 @@ void cache_attention_parts(torch::Tensor q, torch::Tensor keys, torch::Tensor ke
   if (with_new) {
     for (const torch::Tensor* t : {&*new_keys, &*new_values})
       TORCH_CHECK(half_on_device_of(*t, q) && t->dim() == 2 && t->size(0) == kv_heads && t->size(1) == dim &&
-                      t->stride(1) == 1 && t->stride(0) == dim,
+                      t->stride(1) == 1 && (kv_heads == 1 || t->stride(0) == dim),
                   "q4 cache attention: the new keys and values must be float16 CUDA [kv_heads, dim], contiguous");
     for (const torch::Tensor* t : {&*cos, &*sin})
       TORCH_CHECK(half_on_device_of(*t, q) && t->is_contiguous() && t->numel() >= dim / 2,
