@@ -21,6 +21,10 @@
 // own online softmax, and the block merges its warps at the end. A warp's tiles stream through a ring
 // of shared-memory stages filled by cp.async, kStages tiles ahead: registers could hold one tile ahead,
 // too few bytes in flight to keep the memory busy.
+//
+// A decode step's own token may come before RoPE (CacheAttentionArgs::new_keys): then every warp rotates q
+// as it reads it, and the warp whose tile holds the token's slot quantizes and stores its key and value
+// before copying that tile, so that no launch of its own sits between q/k/v and this kernel.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
