@@ -11,8 +11,9 @@ namespace q4 {
 // One decode step's attention parts over a 4-bit cache, in the form of fused.py's Triton parts kernel,
 // whose merge kernel combines them: for KV head h, split s and query row r (of `rows`, at most 8), part
 // (h * splits + s) * rows + r holds the unnormalized output, a reference near the largest score (part_max)
-// and the sum of exp(score - reference) over the split's slots. Split s takes slots s P .. s P + P - 1, P being the length over the
-// splits rounded up to whole tiles of 16 slots; a split past the length holds -inf, 0 and zeros.
+// and the sum of exp(score - reference) over the split's slots. Split s takes slots s P .. s P + P - 1, P
+// being the length over the splits rounded up to whole tiles of 16 slots; a split past the length holds
+// -inf, 0 and zeros.
 struct CacheAttentionArgs {
   const half* q;           // query row r: q + (r / group) * q_row_stride + (h * group + r % group) * dim
   int q_row_stride;
