@@ -90,6 +90,13 @@ def filled_cache(kv_heads, dim, slots, length, kind, batch=1):
     return cache
 
 
+def attention_over_the_cache(q, cache, length):
+    """Float32 attention of q [samples, heads, dim] over what the cache's first `length` slots hold."""
+    samples = q.shape[0]
+    keys, values = (part.read(length).float().expand(samples, -1, -1, -1) for part in (cache.keys, cache.values))
+    return grouped_attention(q.float().unsqueeze(2), keys, values, torch.zeros(1, length, device=CUDA))
+
+
 def assert_stored_as_the_eager_path_stores(part, slot, x):
     """The kernel's stored entries x [kv_heads, dim] at `slot` of one row's cache. Quantized: against the eager
     path's quantizing of the same rounded x, the same levels but for rare one-level ties (the kernel's rotation
@@ -146,8 +153,7 @@ def test_decode_attention_rotates_stores_and_attends(heads, kv_heads, dim, kind,
                                      cache.keys.kernel_args(0), cache.values.kernel_args(0), bucket)
         assert_stored_as_the_eager_path_stores(cache.keys, position, k_ref)
         assert_stored_as_the_eager_path_stores(cache.values, position, v.float())
-        out_ref = grouped_attention(q_ref.view(1, heads, 1, dim), cache.keys.read(position + 1).float(),
-                                    cache.values.read(position + 1).float(), torch.zeros(1, position + 1, device=CUDA))
+        out_ref = attention_over_the_cache(q_ref.view(1, heads, dim), cache, position + 1)
         err = relative_error(out.view(1, heads, 1, dim), out_ref)
         assert err < 2e-3, f"bucket {bucket}: relative error {err:.2e}"
 
@@ -224,13 +230,6 @@ def merged_cache_attention_parts(q, cache, length, splits):
     return out, (part_out, part_max, part_sum)
 
 
-def attention_over_the_cache(q, cache, length):
-    """Float32 attention of q [samples, heads, dim] over what the cache's first `length` slots hold."""
-    samples = q.shape[0]
-    keys, values = (part.read(length).float().expand(samples, -1, -1, -1) for part in (cache.keys, cache.values))
-    return grouped_attention(q.float().unsqueeze(2), keys, values, torch.zeros(1, length, device=CUDA))
-
-
 @pytest.mark.parametrize("samples,heads,kv_heads,dim", [(1, 32, 32, 128), (1, 32, 8, 128), (1, 9, 3, 64),
                                                         (2, 8, 2, 64)])
 @pytest.mark.parametrize("length,splits", [(1, 1), (37, 3), (700, 7), (3001, 32), (100, 64)])
@@ -282,8 +281,7 @@ def test_decode_over_a_4bit_cache_takes_the_cuda_kernel_where_it_serves(monkeypa
     for max_length, expected_calls in ((bucket, [1]), (bucket // 2, [1])):
         out = fused.decode_attention(q.clone(), k, v, cos, sin, torch.tensor([length - 1], device=CUDA),
                                      cache.keys.kernel_args(0), cache.values.kernel_args(0), max_length)
-        out_ref = grouped_attention(q_ref.view(1, heads, 1, dim), cache.keys.read(length).float(),
-                                    cache.values.read(length).float(), torch.zeros(1, length, device=CUDA))
+        out_ref = attention_over_the_cache(q_ref.view(1, heads, dim), cache, length)
         assert calls == expected_calls and relative_error(out.view(1, heads, 1, dim), out_ref) < 2e-3
 
     samples = 16
