@@ -657,23 +657,14 @@ def _resident_cache_attention_blocks(device: torch.device, dim: int) -> int:
         return extension().cache_attention_resident_blocks(dim)
 
 
-# One token's decode over at most this many slots (the graph bucket) keeps a 4-bit cache on the Triton kernel.
-TRITON_DECODE_MAX_SLOTS = 1024
-
-
-def _cache_attention_serves(q: torch.Tensor, key_bits: int, value_bits: int, rows: int, max_length: int,
-                            rotates: bool) -> bool:
+def _cache_attention_serves(q: torch.Tensor, key_bits: int, value_bits: int, rows: int) -> bool:
     """Whether the CUDA kernel for a 4-bit cache (cache_attention.cu) takes these parts: it reads 4-bit keys and
     values at memory speed where the Triton kernel is bound by unpacking them, for up to 8 float16 query rows per
-    KV head and heads of 64 or 128 entries.
-
-    A decode step that `rotates` its new key (and stores it) stays on the Triton kernel up to
-    TRITON_DECODE_MAX_SLOTS. Measured on llama2-7b (H200, bench/NOTES.md session 13) while the CUDA kernel still
-    needed rope_and_store as a launch before it, a whole step on Triton was equal at 128-192 slots, 5% faster at
-    512-576, 3.5% faster at 1024-1088 too, but 8% slower at 2048-2112: the two crossed near 1400 slots, inside a
-    2048 bucket, which keeps the CUDA kernel."""
+    KV head and heads of 64 or 128 entries. It rotates and stores a decode step's new token itself, as the Triton
+    kernel does. With that, a whole llama2-7b decode step over a 1024-slot bucket is 1.9% faster with it than on
+    the Triton kernel (H200, bench/NOTES.md session 15), and longer buckets gain more."""
     return (key_bits == value_bits == 4 and rows <= 8 and q.dtype == torch.float16 and q.shape[-1] in (64, 128)
-            and not (rotates and max_length <= TRITON_DECODE_MAX_SLOTS) and cuda_kernels_available())
+            and cuda_kernels_available())
 
 
 def _attention(q, keys, values, length, length_bias: int, max_length: int, out, own=None, new=None) -> None:
@@ -690,7 +681,7 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
     rows = samples * group  # query rows per KV head
     rows_per_program = min(MAX_ROWS_PER_PROGRAM, max(16, _next_pow2(rows)))  # tl.dot needs 16 rows or more
     row_blocks = -(-rows // rows_per_program)
-    on_cache_kernel = _cache_attention_serves(q, key_bits, value_bits, rows, max_length, new is not None)
+    on_cache_kernel = _cache_attention_serves(q, key_bits, value_bits, rows)
     if on_cache_kernel:
         splits = cache_attention_splits(kv_heads, max_length, _resident_cache_attention_blocks(q.device, dim))
     else:
