@@ -138,13 +138,14 @@ def test_rope_and_store(heads, kv_heads, dim, kind):
 
 
 @pytest.mark.parametrize("kind", list(KV_CACHE_KINDS))
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 32, 128), (32, 8, 128)])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (32, 32, 128), (32, 8, 128), (32, 2, 64)])
 # The new slot: the first, the first of a block of 64 slots, the last of one, and one inside a long context.
 @pytest.mark.parametrize("position", [0, 64, 127, 700])
 def test_decode_attention_rotates_stores_and_attends(heads, kv_heads, dim, kind, position):
     """One token's step from q, k and v before RoPE: k and v stored at the position, and the attention over
     slots 0..position against the float32 PyTorch reference over what the cache then holds, whether the slots
-    are split among few programs (a bucket of the length) or many (a bucket of 1024)."""
+    are split among few programs (a bucket of the length) or many (a bucket of 1024). A 4-bit cache goes through
+    the CUDA kernel up to 8 query rows per KV head and through the Triton kernel past that (32 heads on 2)."""
     for bucket in (position + 1, 1024):
         cache = filled_cache(kv_heads, dim, 1024, position, kind)
         q, k, v, cos, sin, q_ref, k_ref = new_token(heads, kv_heads, dim)
@@ -218,7 +219,7 @@ def merged_cache_attention_parts(q, cache, length, splits):
     part_sum = torch.full_like(part_max, float("nan"))
     (keys, key_scales, _), (values, value_scales, _) = cache.keys.kernel_args(0), cache.values.kernel_args(0)
     kernel.cache_attention_parts(q, keys, key_scales, values, value_scales, torch.tensor([length - 1], device=CUDA),
-                                 1, splits, dim**-0.5, part_out, part_max, part_sum)
+                                 1, splits, dim**-0.5, part_out, part_max, part_sum, None, None, None, None)
 
     part_out = part_out.double().view(kv_heads, splits, rows, dim)
     part_max, part_sum = (part.double().view(kv_heads, splits, rows) for part in (part_max, part_sum))
@@ -266,19 +267,18 @@ def test_4bit_cache_attention_parts_follow_scores_that_keep_rising(heads, kv_hea
 
 
 def test_decode_over_a_4bit_cache_takes_the_cuda_kernel_where_it_serves(monkeypatch):
-    """One token's attention over a q4 cache goes through the CUDA kernel in a bucket of more than
-    TRITON_DECODE_MAX_SLOTS (one call, the right output), and through the Triton kernel, which rotates and stores
-    in the same launch, in a bucket of that many; many samples' rows (16 per KV head here) go through the Triton
-    kernel, which shares a read among up to 64."""
+    """One token's attention over a q4 cache goes through the CUDA kernel, which rotates and stores the token
+    itself, in a short bucket and a long one (one call each, the right output); many samples' rows (16 per KV
+    head here) go through the Triton kernel, which shares a read among up to 64."""
     kernel = cache_kernel()
     calls = []
     launch = kernel.cache_attention_parts
     monkeypatch.setattr(kernel, "cache_attention_parts", lambda *args: calls.append(1) or launch(*args))
-    heads, dim, length, bucket = 32, 128, 300, 2 * fused.TRITON_DECODE_MAX_SLOTS
-    cache = filled_cache(heads, dim, bucket, length - 1, "q4")
-    q, k, v, cos, sin, q_ref, _ = new_token(heads, heads, dim)
-    for max_length, expected_calls in ((bucket, [1]), (bucket // 2, [1])):
-        out = fused.decode_attention(q.clone(), k, v, cos, sin, torch.tensor([length - 1], device=CUDA),
+    heads, dim, length, bucket = 32, 128, 300, 2048
+    for max_length, expected_calls in ((bucket, [1]), (length, [1, 1])):
+        cache = filled_cache(heads, dim, bucket, length - 1, "q4")
+        q, k, v, cos, sin, q_ref, _ = new_token(heads, heads, dim)
+        out = fused.decode_attention(q, k, v, cos, sin, torch.tensor([length - 1], device=CUDA),
                                      cache.keys.kernel_args(0), cache.values.kernel_args(0), max_length)
         out_ref = attention_over_the_cache(q_ref.view(1, heads, dim), cache, length)
         assert calls == expected_calls and relative_error(out.view(1, heads, 1, dim), out_ref) < 2e-3
@@ -288,7 +288,7 @@ def test_decode_over_a_4bit_cache_takes_the_cuda_kernel_where_it_serves(monkeypa
     fused.bifurcated_attention(q.expand(samples, -1, -1).contiguous(), cache.keys.kernel_args(0),
                                cache.values.kernel_args(0), torch.tensor([length], device=CUDA), bucket, own, own,
                                torch.tensor([0], device=CUDA))
-    assert calls == [1]
+    assert calls == [1, 1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

@@ -21,6 +21,10 @@
 // own online softmax, and the block merges its warps at the end. A warp's tiles stream through a ring
 // of shared-memory stages filled by cp.async, kStages tiles ahead: registers could hold one tile ahead,
 // too few bytes in flight to keep the memory busy.
+//
+// A decode step's own token may come before RoPE (CacheAttentionArgs::new_keys): then every warp rotates q
+// as it reads it, and the warp whose tile holds the token's slot quantizes and stores its key and value
+// before copying that tile, so that no launch of its own sits between q/k/v and this kernel.
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -133,11 +137,76 @@ template <int kDim>
 __device__ __forceinline__ constexpr Step<kDim> step_at(int i) { return {i / 4, i / 2 % 2, i % 2 == 1}; }
 
 // Field f of the slot pair (2t, 2t + 1) (pair 0) or (2t + 8, 2t + 9) (pair 1) in a 32-byte block: entry
-// 32 block + 4g + f of both slots side by side, as the A registers of the output pair them.
+// 32 block + 4g + f of both slots side by side, as the A registers of the output pair them. One byte permute
+// puts byte f of the two slots' words at bytes 0 and 2, where biased_levels' masks look; bytes 1 and 3 repeat
+// them and are masked off.
 template <int kDim>
 __device__ __forceinline__ uint32_t value_field(const TileBytes<kDim>& d, int block, int pair, int f) {
-  const uint32_t bytes = __byte_perm(d.values[2 * pair][block], d.values[2 * pair + 1][block], f < 2 ? 0x5410 : 0x7632);
-  return f % 2 ? bytes >> 8 : bytes;
+  const uint32_t selector = 0x1111u * f + 0x4400u;
+  return __byte_perm(d.values[2 * pair][block], d.values[2 * pair + 1][block], selector);
+}
+
+// RoPE's rotation of the entries x and y that lie dim/2 apart, by their angle: (x cos - y sin, y cos + x sin), in
+// float32 as fused.py's rope_store_kernel computes it.
+__device__ __forceinline__ float2 rotated(float x, float y, float cos, float sin) {
+  return make_float2(x * cos - y * sin, y * cos + x * sin);
+}
+
+// Store one head's new vector x [dim] (a key rotated by cos and sin first) at absolute slot `slot` of a 4-bit
+// cache part, as fused.py's store_head does: each group of 32 entries as levels 0..15 from its minimum and its
+// range over 15, both rounded to float16 and stored beside the bytes; entry j in byte j's low nibble and entry
+// dim/2 + j in its high one. One warp: lane l holds entries E l .. E l + E - 1 (E = dim / 32), so that lane
+// l ^ 16 holds the entries dim/2 away, which RoPE pairs and a byte packs together.
+template <int kDim>
+__device__ __forceinline__ void store_new_slot(const half* x, const half* cos, const half* sin, uint8_t* data,
+                                               half* scales, size_t slot, int lane) {
+  constexpr int kPerLane = kDim / 32, kHalf = kDim / 2, kGroupLanes = 32 / kPerLane;
+  const int own = kPerLane * lane, partner = own ^ kHalf;
+  float v[kPerLane];
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    v[j] = __half2float(x[own + j]);
+    if (cos != nullptr) {  // then rounded to float16, as the eager path's keys are
+      const float other = __half2float(x[partner + j]);
+      const float c = __half2float(cos[own % kHalf + j]), s = __half2float(sin[own % kHalf + j]);
+      v[j] = __half2float(__float2half_rn(own < kHalf ? rotated(v[j], other, c, s).x : rotated(other, v[j], c, s).y));
+    }
+  }
+  float low = v[0], high = v[0];
+#pragma unroll
+  for (int j = 1; j < kPerLane; ++j) low = fminf(low, v[j]), high = fmaxf(high, v[j]);
+#pragma unroll
+  for (int offset = 1; offset < kGroupLanes; offset *= 2) {
+    low = fminf(low, __shfl_xor_sync(~0u, low, offset));
+    high = fmaxf(high, __shfl_xor_sync(~0u, high, offset));
+  }
+  const half scale = __float2half_rn(__fdiv_rn(high - low, 15.f)), minimum = __float2half_rn(low);
+  const float divisor = __half2float(scale) > 0.f ? __half2float(scale) : 1.f;
+  uint32_t levels = 0;  // one per byte
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) {
+    const float step = __fdiv_rn(v[j] - __half2float(minimum), divisor);
+    levels |= uint32_t(fminf(fmaxf(floorf(step + 0.5f), 0.f), 15.f)) << (8 * j);
+  }
+  const uint32_t partner_levels = __shfl_xor_sync(~0u, levels, 16);
+  if (own < kHalf) {
+    const uint32_t bytes = levels | partner_levels << 4;
+    uint8_t* target = data + slot * kHalf + own;
+    if constexpr (kPerLane == 4) {
+      *reinterpret_cast<uint32_t*>(target) = bytes;
+    } else {
+      *reinterpret_cast<uint16_t*>(target) = uint16_t(bytes);
+    }
+  }
+  if (lane % kGroupLanes == 0)
+    *reinterpret_cast<__half2*>(scales + (slot * (kDim / 32) + own / 32) * 2) = __halves2half2(scale, minimum);
+}
+
+// 2^x on the special-function unit, as __expf computes e^x after scaling x by log2(e).
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 template <int kDim>
@@ -176,21 +245,48 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
     commit_copies();
   }
   wait_for_previous_kernel();  // q, and a decode step's own key and value
+  // A decode step's own slot: the warp whose tile holds it stores it first, and its lanes' later copies of that
+  // tile see the stores after the warp's barrier.
+  if (a.new_keys != nullptr && settled >= start && settled < end && (settled - start) / kTile % kWarps == warp) {
+    store_new_slot<kDim>(a.new_keys + head * kDim, a.cos, a.sin, a.keys, a.key_scales, first + settled, lane);
+    store_new_slot<kDim>(a.new_values + head * kDim, nullptr, nullptr, a.values, a.value_scales, first + settled,
+                         lane);
+    __syncwarp();
+  }
   for (; issued < kStages; ++issued) {
     if (issued < tiles) issue(ring + issued * Stage<kDim>::kBytes, issued);
     commit_copies();  // empty groups too: wait_copies counts groups
   }
 
-  // q as the B operand of the score steps: (e0, e0 + 2) and (e0 + 1, e0 + 3) of row g.
+  // q as the B operand of the score steps: (e0, e0 + 2) and (e0 + 1, e0 + 3) of row g. Steps 2m and 2m + 1 take
+  // the same four entries of q's two halves, which RoPE rotates together.
   uint32_t q_frag[kSteps][2] = {};
   if (g < a.rows) {
     const half* q = a.q + size_t(g / a.group) * a.q_row_stride + size_t(head * a.group + g % a.group) * kDim;
 #pragma unroll
-    for (int i = 0; i < kSteps; ++i) {
-      const Step step = step_at<kDim>(i);
+    for (int m = 0; m < kSteps / 2; ++m) {
+      const Step step = step_at<kDim>(2 * m);
       const int e0 = step.first_entry() + 8 * t + 4 * step.half;
-      q_frag[i][0] = as_u32(__halves2half2(q[e0], q[e0 + 2]));
-      q_frag[i][1] = as_u32(__halves2half2(q[e0 + 1], q[e0 + 3]));
+      const uint2 low = *reinterpret_cast<const uint2*>(q + e0);
+      const uint2 high = *reinterpret_cast<const uint2*>(q + e0 + kDim / 2);
+      __half2 entries[2][2] = {{as_half2(low.x), as_half2(low.y)}, {as_half2(high.x), as_half2(high.y)}};
+      if (a.cos != nullptr) {  // then rounded to float16, as rope_store_kernel leaves q
+        const uint2 cos = *reinterpret_cast<const uint2*>(a.cos + e0);
+        const uint2 sin = *reinterpret_cast<const uint2*>(a.sin + e0);
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+          const float2 c = __half22float2(as_half2(w ? cos.y : cos.x)), s = __half22float2(as_half2(w ? sin.y : sin.x));
+          const float2 x = __half22float2(entries[0][w]), y = __half22float2(entries[1][w]);
+          const float2 first = rotated(x.x, y.x, c.x, s.x), second = rotated(x.y, y.y, c.y, s.y);
+          entries[0][w] = __floats2half2_rn(first.x, second.x);
+          entries[1][w] = __floats2half2_rn(first.y, second.y);
+        }
+      }
+#pragma unroll
+      for (int part = 0; part < 2; ++part) {
+        q_frag[2 * m + part][0] = as_u32(__lows2half2(entries[part][0], entries[part][1]));
+        q_frag[2 * m + part][1] = as_u32(__highs2half2(entries[part][0], entries[part][1]));
+      }
     }
   }
 
@@ -198,8 +294,9 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
   // column), this lane's share of the running sum, and the output by output tile (c0, c1 entry D; c2, c3 entry
   // D + 1). Any reference gives the same softmax. This one is the running maximum as of the last time a score
   // rose more than kHeadroom above it, so most tiles skip the maximum's shuffles and the rescale, and p stays
-  // under e^kHeadroom, which float16 holds.
-  constexpr float kHeadroom = 8.f;
+  // under 2^kHeadroom, which float16 holds. Scores are in base-2 units, so that each p is one exp2.
+  constexpr float kHeadroom = 11.f, kLog2e = 1.44269504f, kLn2 = 0.69314718f;
+  const float score_scale = a.scale * kLog2e;
   float reference[2] = {-kInf, -kInf}, run_sum[2] = {0.f, 0.f};
   float out[kSteps][4] = {};
   for (int n = 0; n < tiles; ++n) {
@@ -231,7 +328,7 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const bool inside = tile + g + (i < 2 ? 0 : 8) < end;
-      s[i] = inside ? (c[0][i] + c[1][i]) * a.scale : -kInf;
+      s[i] = inside ? (c[0][i] + c[1][i]) * score_scale : -kInf;
       rises |= s[i] > reference[i % 2] + kHeadroom;
     }
 
@@ -245,7 +342,7 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
         for (int offset = 4; offset < 32; offset *= 2)
           tile_max = fmaxf(tile_max, __shfl_xor_sync(~0u, tile_max, offset));
         const float new_reference = fmaxf(reference[j], tile_max);
-        const float correction = __expf(reference[j] - new_reference);
+        const float correction = exp2_approx(reference[j] - new_reference);
         reference[j] = new_reference;
         run_sum[j] *= correction;
 #pragma unroll
@@ -254,7 +351,7 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
     }
     float p[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) p[i] = __expf(s[i] - reference[i % 2]);
+    for (int i = 0; i < 4; ++i) p[i] = exp2_approx(s[i] - reference[i % 2]);
     run_sum[0] += p[0] + p[2];
     run_sum[1] += p[1] + p[3];
 
@@ -318,13 +415,13 @@ __global__ void __launch_bounds__(kWarps * 32) cache_attention_kernel(const Cach
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
       const float reference = warp_reference[w][row];
-      const float weight = reference == -kInf ? 0.f : __expf(reference - best);  // -inf: a warp without tiles
+      const float weight = reference == -kInf ? 0.f : exp2_approx(reference - best);  // -inf: a warp without tiles
       total += weight * warp_out[w][row][entry];
       norm += weight * warp_sum[w][row];
     }
     const int part = (head * a.splits + split) * a.rows + row;
     a.part_out[size_t(part) * kDim + entry] = total;
-    if (entry == 0) a.part_max[part] = best, a.part_sum[part] = norm;
+    if (entry == 0) a.part_max[part] = best * kLn2, a.part_sum[part] = norm;  // the merge works in base e
   }
 }
 

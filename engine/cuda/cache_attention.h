@@ -19,10 +19,10 @@ struct CacheAttentionArgs {
   int q_row_stride;
   int group;               // query heads per KV head
   int rows;                // query rows per KV head, 1..8
-  const uint8_t* keys;     // [kv_heads, max_seq, dim / 2], entry j low nibble, entry dim / 2 + j high
-  const half* key_scales;  // [kv_heads, max_seq, dim / 32, 2]: (scale, minimum) per 32 entries
-  const uint8_t* values;
-  const half* value_scales;
+  uint8_t* keys;           // [kv_heads, max_seq, dim / 2], entry j low nibble, entry dim / 2 + j high
+  half* key_scales;        // [kv_heads, max_seq, dim / 32, 2]: (scale, minimum) per 32 entries
+  uint8_t* values;         // written only at a decode step's own slot (new_keys)
+  half* value_scales;
   int max_seq;
   const int64_t* length;   // slots 0 .. *length + length_bias - 1 are attended to
   int length_bias;
@@ -30,8 +30,15 @@ struct CacheAttentionArgs {
   float scale;             // of the scores, dim^-0.5
   float* part_out;         // [kv_heads * splits * rows, dim]
   float* part_max;         // [kv_heads * splits * rows]: what the part's sum and out are taken against,
-                           // exp(score - part_max); within 8 of its largest score, -inf where it has no slots
+                           // exp(score - part_max); within ~7.6 of its largest score, -inf where it has no slots
   float* part_sum;
+  // A decode step's own token, or null: its key and value [kv_heads, dim] (heads contiguous) before RoPE, which
+  // the kernel stores at slot *length (the key rotated), and the position's rotary rows cos and sin [dim / 2],
+  // by which it rotates q as it reads it. length_bias is then 1.
+  const half* new_keys;
+  const half* new_values;
+  const half* cos;
+  const half* sin;
 };
 
 // dim is 64 or 128. overlap: launch as a programmatic dependent (sm_90+), as the Triton kernels around

@@ -657,33 +657,22 @@ def _resident_cache_attention_blocks(device: torch.device, dim: int) -> int:
         return extension().cache_attention_resident_blocks(dim)
 
 
-# One token's decode over at most this many slots (the graph bucket) keeps a 4-bit cache on the Triton kernel.
-TRITON_DECODE_MAX_SLOTS = 1024
-
-
-def _cache_attention_serves(q: torch.Tensor, key_bits: int, value_bits: int, rows: int, max_length: int,
-                            rotates: bool) -> bool:
+def _cache_attention_serves(q: torch.Tensor, key_bits: int, value_bits: int, rows: int) -> bool:
     """Whether the CUDA kernel for a 4-bit cache (cache_attention.cu) takes these parts: it reads 4-bit keys and
     values at memory speed where the Triton kernel is bound by unpacking them, for up to 8 float16 query rows per
-    KV head and heads of 64 or 128 entries.
-
-    A decode step that `rotates` its new key (and stores it) stays on the Triton kernel up to
-    TRITON_DECODE_MAX_SLOTS: that kernel rotates and stores in the same launch, where the CUDA kernel needs
-    rope_and_store before it, and over so few slots the unpacking costs less than that launch. Measured on
-    llama2-7b (H200, bench/NOTES.md session 13), a whole step: equal at 128-192 slots, 5% faster at 512-576;
-    3.5% faster at 1024-1088 too, but 8% slower at 2048-2112: the two cross near 1400 slots, inside a 2048
-    bucket, which keeps the CUDA kernel."""
+    KV head and heads of 64 or 128 entries. It rotates and stores a decode step's new token itself, as the Triton
+    kernel does. With that, a whole llama2-7b decode step over a 1024-slot bucket is 1.9% faster with it than on
+    the Triton kernel (H200, bench/NOTES.md session 15), and longer buckets gain more."""
     return (key_bits == value_bits == 4 and rows <= 8 and q.dtype == torch.float16 and q.shape[-1] in (64, 128)
-            and not (rotates and max_length <= TRITON_DECODE_MAX_SLOTS) and cuda_kernels_available())
+            and cuda_kernels_available())
 
 
 def _attention(q, keys, values, length, length_bias: int, max_length: int, out, own=None, new=None) -> None:
     """Attention of q [n, q_heads, dim] over slots 0..length + length_bias - 1 of keys / values (data [kv_heads,
     slots, ...], scales, bits) into out [n, q_heads, dim] (contiguous); with `own`, each sample also attends over
     its own cache; with `new` (k, v, cos, sin), q of one sample and the last slot's key and value are given
-    before RoPE, to be rotated and stored first: the Triton parts kernel does that itself, which spares a launch;
-    ahead of the CUDA kernel for a 4-bit cache rope_and_store does, q in place. q's rows may lie apart, as views
-    into stacked q, k and v do."""
+    before RoPE, to be rotated and stored first, by the parts kernel itself (Triton or CUDA), which spares a
+    launch. q's rows may lie apart, as views into stacked q, k and v do."""
     kernels = _kernels()
     (keys, key_scales, key_bits), (values, value_scales, value_bits) = keys, values
     samples, q_heads, dim = q.shape
@@ -692,13 +681,7 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
     rows = samples * group  # query rows per KV head
     rows_per_program = min(MAX_ROWS_PER_PROGRAM, max(16, _next_pow2(rows)))  # tl.dot needs 16 rows or more
     row_blocks = -(-rows // rows_per_program)
-    on_cache_kernel = _cache_attention_serves(q, key_bits, value_bits, rows, max_length, new is not None)
-    if new is not None and on_cache_kernel:
-        k, v, cos, sin = new
-        one_row = [(data.unsqueeze(0), scales.unsqueeze(0), bits) for data, scales, bits in
-                   ((keys, key_scales, key_bits), (values, value_scales, value_bits))]
-        rope_and_store(q, k.unsqueeze(0), v.unsqueeze(0), cos, sin, length, *one_row)
-        new = None
+    on_cache_kernel = _cache_attention_serves(q, key_bits, value_bits, rows)
     if on_cache_kernel:
         splits = cache_attention_splits(kv_heads, max_length, _resident_cache_attention_blocks(q.device, dim))
     else:
@@ -713,8 +696,11 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
     # short contexts, so it keeps them (bench/NOTES.md, session 8).
     stages = 1 if min(key_bits, value_bits) == 4 else 3
     if on_cache_kernel:
+        # The kernel takes the new token as float16 rows with contiguous heads, which these are in a decode step.
+        new_k, new_v, cos, sin = ([t.to(torch.float16).contiguous() for t in new] if new is not None
+                                  else (None, None, None, None))
         extension().cache_attention_parts(q, keys, key_scales, values, value_scales, length, length_bias, splits,
-                                          scale, part_out, part_max, part_sum)
+                                          scale, part_out, part_max, part_sum, new_k, new_v, cos, sin)
     else:
         new_k, new_v, cos, sin = new if new is not None else (q, q, q, q)  # q stands in for the pointers left unused
         _launch(kernels.attention_parts, (kv_heads, splits, row_blocks), q.device,

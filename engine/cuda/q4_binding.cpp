@@ -177,15 +177,25 @@ void check_cache_part(const torch::Tensor& data, const torch::Tensor& scales, co
               "q4 cache attention: ", name, " scales must be contiguous float16 CUDA [kv_heads, slots, dim / 32, 2]");
 }
 
+// A float16 CUDA tensor on `like`'s device, its entries 8-byte aligned for the kernel's vector loads.
+bool half_on_device_of(const torch::Tensor& t, const torch::Tensor& like) {
+  return t.is_cuda() && t.scalar_type() == torch::kFloat16 && t.get_device() == like.get_device() &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 8 == 0;
+}
+
 // The parts of one decode step's attention over a 4-bit KV cache (cache_attention.h) into part_out,
 // part_max and part_sum, for fused.py's merge kernel: q [n, heads, dim] (rows apart by any stride), n
-// times heads / kv_heads query rows per KV head, at most 8; slots 0 .. length + length_bias - 1.
+// times heads / kv_heads query rows per KV head, at most 8; slots 0 .. length + length_bias - 1. With
+// new_keys, new_values [kv_heads, dim] and the rotary rows cos, sin [dim / 2] of one token (n = 1, length_bias
+// 1): store the token's key, rotated, and value at slot `length`, and rotate q as it is read.
 void cache_attention_parts(torch::Tensor q, torch::Tensor keys, torch::Tensor key_scales, torch::Tensor values,
                            torch::Tensor value_scales, torch::Tensor length, int64_t length_bias, int64_t splits,
-                           double scale, torch::Tensor part_out, torch::Tensor part_max, torch::Tensor part_sum) {
-  TORCH_CHECK(q.is_cuda() && q.scalar_type() == torch::kFloat16 && q.dim() == 3 && q.stride(2) == 1 &&
-                  q.stride(1) == q.size(2),
-              "q4 cache attention: q must be float16 CUDA [n, heads, dim] with contiguous heads");
+                           double scale, torch::Tensor part_out, torch::Tensor part_max, torch::Tensor part_sum,
+                           std::optional<torch::Tensor> new_keys, std::optional<torch::Tensor> new_values,
+                           std::optional<torch::Tensor> cos, std::optional<torch::Tensor> sin) {
+  TORCH_CHECK(half_on_device_of(q, q) && q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2) &&
+                  (q.size(0) == 1 || q.stride(0) % 4 == 0),
+              "q4 cache attention: q must be float16 CUDA [n, heads, dim] with contiguous heads, rows 8-byte aligned");
   check_cache_part(keys, key_scales, q, "keys");
   check_cache_part(values, value_scales, q, "values");
   const int64_t dim = q.size(2), kv_heads = keys.size(0);
@@ -200,6 +210,20 @@ void cache_attention_parts(torch::Tensor q, torch::Tensor keys, torch::Tensor ke
                   length.get_device() == q.get_device(),
               "q4 cache attention: length must be a one-element int64 CUDA tensor");
   TORCH_CHECK(splits >= 1, "q4 cache attention: splits must be positive");
+  const bool with_new = new_keys.has_value();
+  TORCH_CHECK(new_values.has_value() == with_new && cos.has_value() == with_new && sin.has_value() == with_new,
+              "q4 cache attention: a new token needs its keys, values, cos and sin together");
+  if (with_new) {
+    for (const torch::Tensor* t : {&*new_keys, &*new_values})
+      TORCH_CHECK(half_on_device_of(*t, q) && t->dim() == 2 && t->size(0) == kv_heads && t->size(1) == dim &&
+                      t->stride(1) == 1 && (kv_heads == 1 || t->stride(0) == dim),
+                  "q4 cache attention: the new keys and values must be float16 CUDA [kv_heads, dim], contiguous");
+    for (const torch::Tensor* t : {&*cos, &*sin})
+      TORCH_CHECK(half_on_device_of(*t, q) && t->is_contiguous() && t->numel() >= dim / 2,
+                  "q4 cache attention: cos and sin must be contiguous float16 CUDA rows of at least dim / 2");
+    TORCH_CHECK(q.size(0) == 1 && length_bias == 1, "q4 cache attention: a new token is one sequence's, at slot "
+                "length (length_bias 1)");
+  }
   const int64_t parts = kv_heads * splits * rows;
   for (const torch::Tensor* t : {&part_out, &part_max, &part_sum})
     TORCH_CHECK(t->is_cuda() && t->scalar_type() == torch::kFloat && t->is_contiguous() &&
@@ -214,9 +238,9 @@ void cache_attention_parts(torch::Tensor q, torch::Tensor keys, torch::Tensor ke
   args.group = int(group);
   args.rows = int(rows);
   args.keys = keys.data_ptr<uint8_t>();
-  args.key_scales = reinterpret_cast<const half*>(key_scales.data_ptr<at::Half>());
+  args.key_scales = reinterpret_cast<half*>(key_scales.data_ptr<at::Half>());
   args.values = values.data_ptr<uint8_t>();
-  args.value_scales = reinterpret_cast<const half*>(value_scales.data_ptr<at::Half>());
+  args.value_scales = reinterpret_cast<half*>(value_scales.data_ptr<at::Half>());
   args.max_seq = int(keys.size(1));
   args.length = length.data_ptr<int64_t>();
   args.length_bias = int(length_bias);
@@ -225,6 +249,12 @@ void cache_attention_parts(torch::Tensor q, torch::Tensor keys, torch::Tensor ke
   args.part_out = part_out.data_ptr<float>();
   args.part_max = part_max.data_ptr<float>();
   args.part_sum = part_sum.data_ptr<float>();
+  if (with_new) {
+    args.new_keys = reinterpret_cast<const half*>(new_keys->data_ptr<at::Half>());
+    args.new_values = reinterpret_cast<const half*>(new_values->data_ptr<at::Half>());
+    args.cos = reinterpret_cast<const half*>(cos->data_ptr<at::Half>());
+    args.sin = reinterpret_cast<const half*>(sin->data_ptr<at::Half>());
+  }
   const cudaError_t err =
       q4::cache_attention_parts(args, int(dim), int(kv_heads), true, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "q4 cache attention launch failed: ", cudaGetErrorString(err));
