@@ -696,9 +696,8 @@ def _attention(q, keys, values, length, length_bias: int, max_length: int, out, 
     # short contexts, so it keeps them (bench/NOTES.md, session 8).
     stages = 1 if min(key_bits, value_bits) == 4 else 3
     if on_cache_kernel:
-        # The kernel takes the new token as float16 rows with contiguous heads, which these are in a decode step.
-        new_k, new_v, cos, sin = ([t.to(torch.float16).contiguous() for t in new] if new is not None
-                                  else (None, None, None, None))
+        # A decode step's k and v are float16 rows of contiguous heads, as the kernel takes them (the binding checks).
+        new_k, new_v, cos, sin = new if new is not None else (None, None, None, None)
         extension().cache_attention_parts(q, keys, key_scales, values, value_scales, length, length_bias, splits,
                                           scale, part_out, part_max, part_sum, new_k, new_v, cos, sin)
     else:
