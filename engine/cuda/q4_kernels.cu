@@ -570,7 +570,10 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kSta
         for (int e = threadIdx.x; e < kSliceN * a.rows; e += kWarps * 32)
           first_block_sums[e] = warps_sum(partial, e % kSliceN, e / kSliceN);
       }
-      if (a.k_split > 1) cluster_sync();  // the second block's sums have landed
+      if (a.k_split > 1) {  // the second block's sums have landed; only they need a release
+        cluster_arrive(sh.rank == 1);
+        cluster_wait();
+      }
       if (sh.rank == 0) {
         for (int e = threadIdx.x; e < kSliceN * a.rows; e += kWarps * 32) {
           const int o = e % kSliceN, row = e / kSliceN;
@@ -581,7 +584,10 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kSta
         }
       }
     }
-    // partial, peer_sums and the staged b are read before the next slice overwrites them.
+    // partial, peer_sums and the staged b are read before the next slice overwrites them. After the block's
+    // last slice nothing is written, and no block reads another's shared memory past the hand-over above, so
+    // both blocks of a cluster may exit at once.
+    if (i + 1 == steps) break;
     if (a.k_split > 1) {
       cluster_sync();
     } else {
