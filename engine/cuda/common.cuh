@@ -105,6 +105,25 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
+// The cluster barrier in two halves. Arrive with `release` where this thread's writes (to any block's shared
+// memory included) must be visible to the cluster's threads once they wait; a relaxed arrive costs no fence,
+// which on sm_90 is a full memory barrier over the GPU. Wait acquires what the released arrivals wrote.
+__device__ __forceinline__ void cluster_arrive(bool release) {
+#if __CUDA_ARCH__ >= 900
+  if (release) {
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+  } else {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  }
+#endif
+}
+
+__device__ __forceinline__ void cluster_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
 template <typename T>
 __device__ __forceinline__ T* cluster_shared(T* p, int rank) {
 #if __CUDA_ARCH__ >= 900

@@ -100,10 +100,14 @@ torch::Tensor matmul(torch::Tensor x, torch::Tensor weights, torch::Tensor scale
   const int64_t k_tiles = weights.size(1);
   const int64_t x_stride = k_tiles * kTileK + 8;  // +8 halves: rows land on different banks
   // x goes to shared memory when it fits (measured faster, and perm is gathered on the way); a
-  // larger x is read from global memory, after a separate gather pass if the layer has a perm.
+  // larger x is read from global memory, after a separate gather pass if the layer has a perm. So is the x
+  // of a product whose blocks split their inputs, unless it has a perm: such a block owns one slice and
+  // needs half of x once, where staging would copy all of it and hold the block at a barrier before its
+  // first step (measured slower in a decode step, bench/NOTES.md session 16).
   const bool fits =
       rows * x_stride * 2 <= int64_t(q4::max_staged_bytes(int(rows), int(epilogue_rank), int(parts), folded));
-  const bool staged = mode == 2 || (mode == 0 && fits);
+  const bool reads_x_once = !perm && q4::splits_inputs(int(out_features), gated, int(epilogue_rank));
+  const bool staged = mode == 2 || (mode == 0 && fits && !reads_x_once);
   TORCH_CHECK(!staged || fits, "q4: x is too large to stage in shared memory");
   // The kernel reads x with 16-byte loads: copy a misaligned view, gather an unstaged perm.
   if (!staged && perm) x = x.index_select(1, *perm);

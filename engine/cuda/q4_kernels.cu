@@ -570,7 +570,10 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kSta
         for (int e = threadIdx.x; e < kSliceN * a.rows; e += kWarps * 32)
           first_block_sums[e] = warps_sum(partial, e % kSliceN, e / kSliceN);
       }
-      if (a.k_split > 1) cluster_sync();  // the second block's sums have landed
+      if (a.k_split > 1) {  // the second block's sums have landed; only they need a release
+        cluster_arrive(sh.rank == 1);
+        cluster_wait();
+      }
       if (sh.rank == 0) {
         for (int e = threadIdx.x; e < kSliceN * a.rows; e += kWarps * 32) {
           const int o = e % kSliceN, row = e / kSliceN;
@@ -581,7 +584,10 @@ __global__ void __launch_bounds__(kWarps * 32, min_blocks_per_sm(kRowTiles, kSta
         }
       }
     }
-    // partial, peer_sums and the staged b are read before the next slice overwrites them.
+    // partial, peer_sums and the staged b are read before the next slice overwrites them. After the block's
+    // last slice nothing is written, and no block reads another's shared memory past the hand-over above, so
+    // both blocks of a cluster may exit at once.
+    if (i + 1 == steps) break;
     if (a.k_split > 1) {
       cluster_sync();
     } else {
@@ -628,25 +634,38 @@ __global__ void dequantize_kernel(const DequantArgs a) {
   }
 }
 
+}  // namespace
+
+// On sm_90+, a layer with no more slices than multiprocessors runs on clusters of two blocks that split each
+// slice's inputs (Share), where nothing else needs the epilogue: no gate, no LoRA.
+bool splits_inputs(int out_features, bool gated, int lora_rank) {
+  int device = 0, sms = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+    return false;
+  return major >= 9 && !gated && lora_rank == 0 && (out_features + kSliceN - 1) / kSliceN <= sms;
+}
+
+namespace {
+
 template <int kRowTiles, bool kStaged, bool kLowRank, bool kFolded>
 cudaError_t launch(const MatmulArgs& a, size_t shared_bytes, bool overlap, cudaStream_t stream) {
   auto kernel = matmul_kernel<kRowTiles, kStaged, kLowRank, kFolded>;
   // Static plus dynamic shared memory above 48 KB needs an opt-in; the call is cheap, so it is
   // made on every launch rather than cached per device.
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared_bytes));
-  int device = 0, sms = 0, per_sm = 0, major = 0;
+  int device = 0, sms = 0, per_sm = 0;
   if (err == cudaSuccess) err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err == cudaSuccess)
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32, shared_bytes);
   if (err != cudaSuccess) return err;
   // As many blocks as fit at once, spread so that every block gets the same number of slices
-  // (give or take one). On sm_90+, a layer with no more slices than multiprocessors runs on clusters of two
-  // blocks that split each slice's inputs (Share), where nothing else needs the epilogue: no gate, no LoRA.
+  // (give or take one).
   const int slices = (a.out_features + kSliceN - 1) / kSliceN;
   MatmulArgs args = a;
-  args.k_split = major >= 9 && !a.gated && a.lora_rank == 0 && slices <= sms ? 2 : 1;
+  args.k_split = splits_inputs(a.out_features, a.gated, a.lora_rank) ? 2 : 1;
   const int slots = std::max(1, sms * per_sm);
   const int rounds = (slices * args.k_split + slots - 1) / slots;
   const int grid = (slices + rounds - 1) / rounds * args.k_split;

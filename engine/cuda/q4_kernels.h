@@ -55,6 +55,10 @@ struct DequantArgs {
   half* w;                // [out_features, in_features]
 };
 
+// Whether the blocks of a product with these outputs split each slice's inputs in clusters of two on the
+// current GPU (sm_90+, at most one slice per multiprocessor, no gate and no LoRA epilogue).
+bool splits_inputs(int out_features, bool gated, int lora_rank);
+
 // The most bytes of x that may be staged in shared memory for `rows` activation rows, beside a LoRA
 // update of rank `rank` (0 for none) whose h comes in `parts` partial sums, for the folded path or not.
 size_t max_staged_bytes(int rows, int rank, int parts, bool folded);
