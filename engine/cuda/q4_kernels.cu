@@ -34,7 +34,8 @@
 //    multiprocessor one block, and in a decode step each block streams at about the same rate (~15 GB/s,
 //    bench/NOTES.md session 11) however many share a multiprocessor. Such a layer runs on clusters of two
 //    blocks (sm_90+) that split each slice's inputs, and the second block hands its sums to the first
-//    through distributed shared memory.
+//    through distributed shared memory. Such a block needs half of x once, so it reads x from global memory
+//    instead of staging it (q4_binding.cpp).
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
