@@ -98,14 +98,10 @@ __device__ __forceinline__ void allow_next_kernel() {
 }
 
 // Thread block clusters (sm_90): the cluster's barrier, and where `p` in this block's shared memory lies in
-// block `rank`'s. Kernels reach them only when launched in clusters, which older GPUs never are.
-__device__ __forceinline__ void cluster_sync() {
-#if __CUDA_ARCH__ >= 900
-  cooperative_groups::this_cluster().sync();
-#endif
-}
-
-// The cluster barrier in two halves. Arrive with `release` where this thread's writes (to any block's shared
+// block `rank`'s. Kernels reach them only when launched in clusters, which older GPUs never are; every thread
+// of a block reaches each barrier (.aligned).
+//
+// The barrier comes in two halves. Arrive with `release` where this thread's writes (to any block's shared
 // memory included) must be visible to the cluster's threads once they wait; a relaxed arrive costs no fence,
 // which on sm_90 is a full memory barrier over the GPU. Wait acquires what the released arrivals wrote.
 __device__ __forceinline__ void cluster_arrive(bool release) {
@@ -122,6 +118,12 @@ __device__ __forceinline__ void cluster_wait() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
 #endif
+}
+
+// The whole barrier: every thread's writes are visible to every thread of the cluster after it.
+__device__ __forceinline__ void cluster_sync() {
+  cluster_arrive(true);
+  cluster_wait();
 }
 
 template <typename T>
